@@ -1,0 +1,1 @@
+"""crm-sync: one trustworthy customer master in PostgreSQL, fed by scattered source systems."""
