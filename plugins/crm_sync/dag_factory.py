@@ -1,0 +1,129 @@
+"""Builds one Airflow DAG per source from its YAML: extract >> resolve >> map >> validate >> load >> reconcile.
+
+Parse-time cost is the YAML and pydantic only: every task body imports its stage (pandas, GX,
+psycopg2) when it runs. The schedule is a data-interval timetable, so each run owns the window
+`[data_interval_start, data_interval_end)` and the extract is bounded by its end.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import CronDataIntervalTimetable, TaskGroup, chain, dag, task
+
+from crm_sync.config import SourceConfig, load_source
+
+START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+
+@task
+def extract(source: str, stream: str, **context) -> dict:
+    from crm_sync import tasks
+
+    return tasks.extract(source, stream, context)
+
+
+@task
+def resolve(source: str, **context) -> dict:
+    from crm_sync import tasks
+
+    return tasks.resolve(source, context)
+
+
+@task
+def map_stream(source: str, stream: str, **context) -> dict:
+    from crm_sync import tasks
+
+    return tasks.map_stream(source, stream, context)
+
+
+@task
+def validate_stream(source: str, stream: str, **context) -> dict:
+    from crm_sync import tasks
+
+    return tasks.validate_stream(source, stream, context)
+
+
+@task
+def load(source: str, **context) -> dict:
+    from crm_sync import tasks
+
+    return tasks.load(source, context)
+
+
+@task
+def reconcile(source: str, **context) -> dict:
+    from crm_sync import tasks
+
+    return tasks.reconcile(source, context)
+
+
+def _doc(cfg: SourceConfig) -> str:
+    streams = "\n".join(
+        f"| `{s.name}` | {s.entity} | `{s.primary_key}` | `{s.cursor_field}` | `{s.expectation_suite}` |"
+        for s in cfg.streams
+    )
+    return f"""### {cfg.dag_id}
+
+{cfg.description}
+
+Configured in `include/sources/{cfg.source}.yaml` — {cfg.sync_mode} sync, schedule `{cfg.schedule}` ({cfg.timezone}),
+connection `{cfg.conn_id}`, CRM connection `{cfg.crm_conn_id}`.
+
+| stream | entity | key | cursor | suite |
+|---|---|---|---|---|
+{streams}
+
+**On failure** the on-call address gets an e-mail. Rejected rows are in `sync.quarantine`
+(`where run_id = '<run id>'`), expectation results in `sync.dq_result`, figures in `sync.run_log`.
+A blocked batch never loads and its watermark (`sync.watermark`) does not move: fix the source,
+then clear the failed task. `crm-sync status` shows every source at a glance.
+"""
+
+
+def build_dag(source: str):
+    from crm_sync.tasks import FailureCallback
+
+    cfg = load_source(source)
+    retry_delay = int(os.environ.get("CRM_SYNC_RETRY_DELAY_SECONDS", cfg.retry_delay_seconds))
+
+    @dag(
+        dag_id=cfg.dag_id,
+        description=cfg.description or None,
+        schedule=CronDataIntervalTimetable(cfg.schedule, timezone=cfg.timezone),
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        tags=["crm-sync", cfg.source, cfg.kind, cfg.sync_mode, *cfg.tags],
+        doc_md=_doc(cfg),
+        default_args={
+            "owner": "crm-sync",
+            "retries": cfg.retries,
+            "retry_delay": timedelta(seconds=retry_delay),
+            "retry_exponential_backoff": 2.0,
+            "max_retry_delay": timedelta(minutes=30),
+            "on_failure_callback": FailureCallback(cfg.source),
+        },
+    )
+    def pipeline():
+        api = {"pool": cfg.pool, "pool_slots": cfg.pool_slots} if cfg.pool else {}
+        with TaskGroup("extract") as extract_group:
+            for s in cfg.streams:
+                extract.override(task_id=s.name, **api)(cfg.source, s.name)
+        with TaskGroup("resolve") as resolve_group:
+            resolve.override(task_id="identities")(cfg.source)
+        with TaskGroup("map") as map_group:
+            for s in cfg.streams:
+                map_stream.override(task_id=s.name)(cfg.source, s.name)
+        with TaskGroup("validate") as validate_group:
+            for s in cfg.streams:
+                validate_stream.override(task_id=s.name)(cfg.source, s.name)
+        with TaskGroup("load") as load_group:
+            load.override(task_id="publish")(cfg.source)
+        with TaskGroup("reconcile") as reconcile_group:
+            reconcile.override(task_id="check")(cfg.source)
+
+        chain(extract_group, resolve_group, map_group, validate_group, load_group, reconcile_group)
+
+    return pipeline()

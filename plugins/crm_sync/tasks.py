@@ -1,0 +1,212 @@
+"""Airflow glue: each task opens its connections, calls one stage function, and commits.
+
+Stage logic lives in plain modules that take (connection, run id, config); this module only maps
+an Airflow context onto them and turns data errors into `AirflowFailException` — a bad batch or a
+reconciliation mismatch does not get better by retrying, an unreachable API might.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+from crm_sync.config import SourceConfig, load_source
+
+log = logging.getLogger("crm_sync")
+
+
+def _fail_fast_errors() -> tuple[type[BaseException], ...]:
+    from crm_sync.config import ConfigError
+    from crm_sync.quality.validate import DataQualityError, SuiteError
+    from crm_sync.reconcile import ReconciliationError
+    from crm_sync.sources.http_source import SourceRejected
+
+    return (DataQualityError, SuiteError, ReconciliationError, SourceRejected, ConfigError)
+
+
+@contextmanager
+def _stage(cfg: SourceConfig, context: dict, name: str):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from crm_sync import db
+
+    conn = db.task_connection(cfg.crm_conn_id)
+    try:
+        yield conn
+        conn.commit()
+    except _fail_fast_errors() as exc:
+        conn.rollback()
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+    except Exception:
+        conn.rollback()
+        raise
+    finally:
+        conn.close()
+
+
+def extract(source: str, stream_name: str, context: dict) -> dict:
+    from crm_sync import runlog, watermark
+    from crm_sync.sources import extract as ex
+
+    cfg = load_source(source)
+    stream = cfg.stream(stream_name)
+    run_id = context["run_id"]
+    with _stage(cfg, context, "extract") as conn:
+        with conn.cursor() as cur:
+            runlog.start(cur, run_id, source, cfg.dag_id, context.get("data_interval_start"),
+                         context.get("data_interval_end"))
+        window = watermark.extract_window(conn, cfg, stream.name, context["data_interval_end"])
+        log.info("extracting %s.%s for %s: since=%s until=%s", source, stream.name, run_id, window.since, window.until)
+        if cfg.kind == "sql":
+            from crm_sync import db
+
+            src = db.task_connection(cfg.conn_id)
+            try:
+                result = ex.stage_records(conn, run_id, cfg, stream, window, ex.iter_sql(src, stream, window))
+            finally:
+                src.close()
+            calls = 0
+        else:
+            from airflow.providers.http.hooks.http import HttpHook
+
+            from crm_sync.sources.http_source import CallStats, fetch_pages
+
+            hook = HttpHook(method="GET", http_conn_id=cfg.conn_id)
+            session = hook.get_conn()
+            token = hook.get_connection(cfg.conn_id).password
+            stats = CallStats()
+            try:
+                pages = fetch_pages(session, hook.base_url, token, stream.endpoint, source=source, stream=stream.name,
+                                    since=window.since, until=window.until, options=cfg.http, stats=stats)
+                result = ex.stage_records(conn, run_id, cfg, stream, window, pages)
+            finally:
+                log.info("%s.%s: %d API calls %s", source, stream.name, stats.calls, stats.by_status)
+                _add_api_calls(run_id, source, cfg, stats.calls)
+            calls = stats.calls
+        with conn.cursor() as cur:
+            runlog.update(cur, run_id, source, extract_since=window.since)
+        ex.record_extract(conn, run_id, cfg)
+    return {"rows": result.rows, "rejected": result.rejected, "api_calls": calls,
+            "since": window.since.isoformat() if window.since else None, "until": window.until.isoformat()}
+
+
+def _add_api_calls(run_id: str, source: str, cfg: SourceConfig, calls: int) -> None:
+    """Paid calls are counted even when the extract fails, in a transaction of their own."""
+    from crm_sync import db
+
+    conn = db.task_connection(cfg.crm_conn_id)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("update sync.run_log set api_calls = api_calls + %s where run_id = %s and source = %s",
+                        (calls, run_id, source))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def resolve(source: str, context: dict) -> dict:
+    from crm_sync.identity.resolve import resolve as run_resolve
+    from crm_sync.sources.extract import record_extract
+
+    cfg = load_source(source)
+    with _stage(cfg, context, "resolve") as conn:
+        record_extract(conn, context["run_id"], cfg)
+        result = run_resolve(conn, context["run_id"], cfg)
+    return {"records": result.records, "linked": result.linked, "merged": result.merged, "new": result.new}
+
+
+def map_stream(source: str, stream_name: str, context: dict) -> dict:
+    from crm_sync import mapping
+
+    cfg = load_source(source)
+    with _stage(cfg, context, "map") as conn:
+        result = mapping.map_stream(conn, context["run_id"], cfg, cfg.stream(stream_name))
+    return {"mapped": result.mapped, "rejected": result.rejected}
+
+
+def validate_stream(source: str, stream_name: str, context: dict) -> dict:
+    from crm_sync.quality.validate import validate_stream as run_validate
+
+    cfg = load_source(source)
+    with _stage(cfg, context, "validate") as conn:
+        outcome = run_validate(conn, context["run_id"], cfg, cfg.stream(stream_name))
+    return {"rows": outcome.rows, "quarantined": outcome.quarantined, "warnings": outcome.failed_warning}
+
+
+def load(source: str, context: dict) -> dict:
+    from crm_sync import load as loader
+
+    cfg = load_source(source)
+    with _stage(cfg, context, "load") as conn:
+        result = loader.load(conn, context["run_id"], cfg)
+    return {"customers": result.customers, "orders": result.orders, "tickets": result.tickets,
+            "rejected": result.rejected}
+
+
+def reconcile(source: str, context: dict) -> dict:
+    from crm_sync import runlog
+    from crm_sync.load import purge_staging
+    from crm_sync.reconcile import reconcile as run_reconcile
+
+    cfg = load_source(source)
+    with _stage(cfg, context, "reconcile") as conn:
+        checks = run_reconcile(conn, context["run_id"], cfg)
+        with conn.cursor() as cur:
+            cur.execute("update sync.run_log set state = 'success', finished_at = now() where run_id = %s and source = %s",
+                        (context["run_id"], source))
+        conn.commit()
+        purge_staging(conn, source)
+    return {"checks": {f"{c.stream}.{c.name}": c.ok for c in checks}}
+
+
+class FailureCallback:
+    """`on_failure_callback`: records the failure in the run log, then alerts on-call by e-mail."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, context: dict) -> None:
+        from crm_sync.masking import mask_text
+
+        cfg = load_source(self.source)
+        run_id = context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
+        exc = context.get("exception")
+        ti = context.get("ti") or context.get("task_instance")
+        try:
+            self._record(cfg, run_id, ti, exc, mask_text)
+        except Exception as err:  # alerting must still happen when the database is the problem
+            log.error("could not record the failure in sync.run_log: %s", mask_text(str(err)))
+        from crm_sync.alerts import make_failure_callback
+
+        make_failure_callback(self.source, to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
+                              counts_provider=lambda rid, src: _counts(cfg, rid, src))(context)
+
+    def _record(self, cfg: SourceConfig, run_id, ti, exc, mask_text) -> None:
+        from crm_sync import db, runlog
+
+        blocked = "DataQualityError" in f"{type(exc).__name__}: {exc}"
+        conn = db.task_connection(cfg.crm_conn_id)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    """insert into sync.run_log (run_id, source, dag_id) values (%s, %s, %s)
+                       on conflict (run_id, source) do nothing""",
+                    (run_id, self.source, cfg.dag_id),
+                )
+                runlog.update(cur, run_id, self.source, state="blocked" if blocked else "failed",
+                              failed_task=getattr(ti, "task_id", None),
+                              error=mask_text(f"{type(exc).__name__}: {exc}")[:2000])
+                cur.execute("update sync.run_log set finished_at = now() where run_id = %s and source = %s",
+                            (run_id, self.source))
+            conn.commit()
+        finally:
+            conn.close()
+
+
+def _counts(cfg: SourceConfig, run_id: str, source: str) -> dict:
+    from crm_sync import db, runlog
+
+    conn = db.task_connection(cfg.crm_conn_id)
+    try:
+        return runlog.counts(conn, run_id, source)
+    finally:
+        conn.close()
