@@ -1,0 +1,39 @@
+# crm-sync — two commands on a fresh machine with Python 3.11 and git:
+#   make demo   create .venv, start the embedded PostgreSQL, seed the sample sources, run every DAG, print a summary
+#   make test   the whole test suite (installs what it needs first)
+#   make bench  benchmarks: prints figures, asserts nothing about time
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.9
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench install status clean db-stop
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "crm-sync needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/crm-sync demo $(if $(SCENARIO),--scenario $(SCENARIO),)
+
+status: $(STAMP)
+	$(BIN)/crm-sync status
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_load.py $(BENCH_ARGS)
+
+db-stop: $(STAMP)
+	$(BIN)/crm-sync db-stop
+
+clean: db-stop
+	rm -rf .local
