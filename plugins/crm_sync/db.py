@@ -131,11 +131,28 @@ def connection(dsn: str | None = None) -> Iterator:
         conn.close()
 
 
-def task_connection(conn_id: str):
-    """A psycopg2 connection through an Airflow connection (used inside tasks)."""
-    from airflow.providers.postgres.hooks.postgres import PostgresHook
+def task_connection(conn_id: str, application_name: str = "crm-sync"):
+    """A psycopg2 connection (autocommit off) through the Airflow connection `conn_id`.
 
-    conn = PostgresHook(postgres_conn_id=conn_id).get_conn()
+    The credentials come from Airflow's connection store (env var, secrets backend or metadata
+    DB), never from code. We build the psycopg2 connection ourselves instead of using
+    `PostgresHook.get_conn()` because the provider switches to psycopg 3 when it is installed,
+    and the stages rely on psycopg2's `copy_expert` and `psycopg2.sql`.
+    """
+    import psycopg2
+    from airflow.sdk import BaseHook
+
+    c = BaseHook.get_connection(conn_id)
+    extra = c.extra_dejson or {}
+    params = {k: v for k, v in {
+        "host": c.host, "port": c.port, "user": c.login, "password": c.password,
+        "dbname": c.schema or extra.get("dbname"), "sslmode": extra.get("sslmode"),
+    }.items() if v not in (None, "")}
+    try:
+        conn = psycopg2.connect(application_name=application_name, **params)
+    except psycopg2.OperationalError as exc:
+        raise DatabaseError(f"cannot connect through Airflow connection '{conn_id}' "
+                            f"(host {c.host}, database {params.get('dbname')}): {exc}".strip()) from exc
     conn.autocommit = False
     return conn
 

@@ -37,7 +37,7 @@ PEOPLE = 2000
 SEED = 42
 
 # which source's gate each scenario exercises
-SCENARIO_SOURCE = {"bad-batch": "erp", "volume-drop": "erp", "schema-drift": "ticketing", "api-outage": "ticketing"}
+SCENARIO_SOURCE = {"bad-batch": "erp", "volume-drop": "erp", "schema-drift": "erp", "api-outage": "ticketing"}
 
 
 def demo_dir() -> Path:
@@ -144,12 +144,17 @@ def dag_run_state(conn, dag_id: str, source: str, run_id_prefix: str | None = No
 
 
 class _Sources:
-    """Starts the sample sources for one demo invocation."""
+    """Prepares the sample sources for one demo invocation.
 
-    def __init__(self, state: DemoState, now: datetime, scenario: str | None) -> None:
+    A normal run moves the sources one "day" on. A scenario never damages the sample sources:
+    the ERP fault is applied to a throw-away copy of the ERP database (`CREATE DATABASE ... TEMPLATE`),
+    and the API fault lives only in the simulator of this invocation.
+    """
+
+    def __init__(self, state: DemoState, scenario: str | None) -> None:
         self.state = state
-        self.now = now
         self.scenario = scenario
+        self.scratch: tuple[str, str] | None = None
 
     def prepare_erp(self, admin_dsn: str, end: datetime) -> str:
         from crm_sync.simulators import erp, people
@@ -164,16 +169,31 @@ class _Sources:
             conn.commit()
             if not seeded:
                 erp.seed(conn, people=people.generate_people(PEOPLE, SEED), seed=SEED, now=end - timedelta(minutes=5))
-            else:
+            elif self.scenario is None:
                 erp.apply_changes(conn, seed=SEED + self.state.runs, now=end - timedelta(seconds=30))
+        finally:
+            conn.close()
+        if self.scenario not in ("bad-batch", "volume-drop", "schema-drift"):
+            return dsn
+        scratch = f"{ERP_DATABASE}_scenario"
+        _recreate_from_template(admin_dsn, scratch, ERP_DATABASE)
+        self.scratch = (admin_dsn, scratch)
+        scratch_dsn = db.with_database(admin_dsn, scratch)
+        conn = db.connect(scratch_dsn)
+        try:
             if self.scenario == "bad-batch":
                 erp.inject_bad_batch(conn, now=end - timedelta(seconds=10))
             elif self.scenario == "volume-drop":
                 erp.drop_volume(conn, 0.9)
-            conn.commit()
+            else:
+                erp.add_column_drift(conn, rename=True)
         finally:
             conn.close()
-        return dsn
+        return scratch_dsn
+
+    def cleanup(self) -> None:
+        if self.scratch:
+            _drop_database(*self.scratch)
 
     def prepare_ticketing(self, end: datetime):
         from crm_sync.simulators import people, ticketing
@@ -181,14 +201,41 @@ class _Sources:
         path = demo_dir() / "ticketing_store.pickle"
         if path.exists():
             store = pickle.loads(path.read_bytes())
-            store.apply_changes(seed=SEED + self.state.runs, now=end - timedelta(seconds=30))
+            if self.scenario is None:
+                store.apply_changes(seed=SEED + self.state.runs, now=end - timedelta(seconds=30))
         else:
             store = ticketing.TicketingStore.generate(people.generate_people(PEOPLE, SEED), seed=SEED,
                                                       now=end - timedelta(minutes=5))
-        if self.scenario != "schema-drift":
-            # a drifted field is a replay, not a change the source keeps
-            path.write_bytes(pickle.dumps(store))
         return store
+
+    def save_ticketing(self, store) -> None:
+        if self.scenario is None:
+            (demo_dir() / "ticketing_store.pickle").write_bytes(pickle.dumps(store))
+
+
+def _recreate_from_template(admin_dsn: str, name: str, template: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(admin_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'drop database if exists "{name}" with (force)')
+            cur.execute(f'create database "{name}" template "{template}"')
+    finally:
+        conn.close()
+
+
+def _drop_database(admin_dsn: str, name: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(admin_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        conn.close()
 
 
 def _conn_json(**doc) -> str:
@@ -199,7 +246,7 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     if scenario is not None and scenario not in SCENARIOS:
         raise SystemExit(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
     from crm_sync.simulators.smtp_outbox import OutboxServer
-    from crm_sync.simulators.ticketing import TicketingServer
+    from crm_sync.simulators.ticketing import Faults, TicketingServer
 
     started = time.monotonic()
     state = DemoState.load()
@@ -211,20 +258,18 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     admin_dsn = db.with_database(dsn, "postgres")
     configs = {name: load_source(name) for name in DEMO_SOURCES}
     ends = {name: interval_end(cfg, now) for name, cfg in configs.items()}
-    sources = _Sources(state, now, scenario)
+    sources = _Sources(state, scenario)
     print(f"crm-sync demo{' — scenario ' + scenario if scenario else ''} (run {state.runs + 1})", file=out)
     print(f"  CRM database: {db.redact_dsn(dsn)}", file=out)
 
     erp_dsn = sources.prepare_erp(admin_dsn, ends["erp"])
     store = sources.prepare_ticketing(ends["ticketing"])
     token = secrets.token_urlsafe(24)  # per invocation; only the child processes see it
-    faults = {"rate_limit_every": 7}  # a real desk answers 429 now and then: the extractor must cope
-    if scenario == "api-outage":
-        faults = {"outage": True}
-    if scenario == "schema-drift":
-        faults["drift_field"] = True
+    # a real desk answers 429 now and then: the extractor must cope
+    faults = Faults(outage=True) if scenario == "api-outage" else Faults(rate_limit_every=7)
     results: dict[str, dict] = {}
     with ExitStack() as stack:
+        stack.callback(sources.cleanup)
         api = stack.enter_context(TicketingServer(store, token=token, faults=faults))
         smtp = stack.enter_context(OutboxServer(outbox_dir()))
         connections = {
@@ -249,6 +294,8 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
             code = run_dag(cfg.dag_id, now, env, log_path)
             results[name] = {"exit": code, "seconds": time.monotonic() - t0, "log": log_path}
         new_mail = sorted(set(outbox_dir().glob("*.eml")) - before)
+        if results.get("ticketing", {}).get("exit") == 0:
+            sources.save_ticketing(store)
 
     conn = db.connect(dsn)
     try:

@@ -54,6 +54,7 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
         with conn.cursor() as cur:
             runlog.start(cur, run_id, source, cfg.dag_id, context.get("data_interval_start"),
                          context.get("data_interval_end"))
+        conn.commit()  # the run is visible (and its row unlocked) while the extract pages through the source
         window = watermark.extract_window(conn, cfg, stream.name, context["data_interval_end"])
         log.info("extracting %s.%s for %s: since=%s until=%s", source, stream.name, run_id, window.since, window.until)
         if cfg.kind == "sql":
@@ -78,10 +79,17 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
                 pages = fetch_pages(session, hook.base_url, token, stream.endpoint, source=source, stream=stream.name,
                                     since=window.since, until=window.until, options=cfg.http, stats=stats)
                 result = ex.stage_records(conn, run_id, cfg, stream, window, pages)
+            except Exception:
+                # the staged rows go, but the paid calls were made: count them in a transaction of their own
+                conn.rollback()
+                _add_api_calls(run_id, source, cfg, stats.calls)
+                raise
             finally:
                 log.info("%s.%s: %d API calls %s", source, stream.name, stats.calls, stats.by_status)
-                _add_api_calls(run_id, source, cfg, stats.calls)
             calls = stats.calls
+            with conn.cursor() as cur:
+                cur.execute("update sync.run_log set api_calls = api_calls + %s where run_id = %s and source = %s",
+                            (calls, run_id, source))
         with conn.cursor() as cur:
             runlog.update(cur, run_id, source, extract_since=window.since)
         ex.record_extract(conn, run_id, cfg)
@@ -96,8 +104,10 @@ def _add_api_calls(run_id: str, source: str, cfg: SourceConfig, calls: int) -> N
     conn = db.task_connection(cfg.crm_conn_id)
     try:
         with conn.cursor() as cur:
-            cur.execute("update sync.run_log set api_calls = api_calls + %s where run_id = %s and source = %s",
-                        (calls, run_id, source))
+            cur.execute(
+                """insert into sync.run_log (run_id, source, dag_id, api_calls) values (%s, %s, %s, %s)
+                   on conflict (run_id, source) do update set api_calls = sync.run_log.api_calls + excluded.api_calls""",
+                (run_id, source, cfg.dag_id, calls))
         conn.commit()
     finally:
         conn.close()

@@ -1,0 +1,254 @@
+"""Features: the normalised, derived columns every comparison level and blocking key reads.
+
+`build(df, settings)` returns one row per input row (same order, fresh RangeIndex) with, per
+configured field `f`, the columns `f.present` (bool: the field carries evidence) and `f.<attr>`
+for each attribute of the field's normaliser (see `settings.ATTRIBUTES`; None when the record has
+no such value), plus `f.weak` (person names: only a surname survived) and `f.strong_kind`
+(phones: a mobile; e-mails: a personal, non-role mailbox). Guarantees:
+- each *distinct* raw value is normalised once (factorise, normalise the uniques, take back by
+  code); equal raw values always yield equal features;
+- large inputs are normalised on several processes (`workers`), with identical results;
+- `encode(features)` turns those columns into integer codes (-1 = none) so that equality tests,
+  term frequencies and blocking are vectorised numpy operations.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from crm_sync.identity.settings import ATTRIBUTES, FieldSpec, Settings, SettingsError
+
+# Below this many distinct values, starting worker processes costs more than it saves.
+_PARALLEL_MIN_DISTINCT = 40_000
+
+
+def _clean_raw(values: pd.Series) -> pd.Series:
+    text = values.astype("string").str.strip()
+    return text.mask(text.isna() | (text == ""), None).astype(object)
+
+
+def _raw_values(df: pd.DataFrame, spec: FieldSpec) -> pd.Series:
+    cols = spec.source_columns
+    missing = [c for c in cols + ([spec.city_column] if spec.city_column else []) if c not in df.columns]
+    if missing:
+        raise SettingsError(f"field '{spec.name}': column(s) {missing} not in the input "
+                            f"(columns: {list(df.columns)})")
+    parts = [_clean_raw(df[c]) for c in cols]
+    if len(parts) == 1:
+        return parts[0].reset_index(drop=True)
+    # A phone field over several columns is one field holding several numbers (the normaliser
+    # splits on '/'); names and text over several columns read as one value (given + surname).
+    sep = " / " if spec.normaliser == "phone" else " "
+    frame = pd.concat([p.reset_index(drop=True) for p in parts], axis=1)
+    joined = frame.apply(lambda row: sep.join(v for v in row if v is not None), axis=1, result_type="reduce")
+    return joined.mask(joined == "", None).astype(object)
+
+
+# ---------------------------------------------------------------- per-value normalisers
+# Each returns a tuple aligned with `_OUTPUTS[normaliser]`; they run on distinct values only.
+
+_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "person_name": ("present", "weak", "value", "full", "pinyin", "surname"),
+    "phone": ("present", "strong_kind", "value", "mobile", "landline", "extension"),
+    "email": ("present", "strong_kind", "value", "personal", "role", "domain"),
+    "company": ("present", "value", "pinyin"),
+    "text": ("present", "value"),
+    "exact": ("present", "value"),
+}
+
+
+def _person_name(raw: str) -> tuple:
+    from crm_sync.identity.normalize import normalize_person_name
+
+    n = normalize_person_name(raw)
+    if not n.full:
+        return (False, False, None, None, None, None)
+    surname = None
+    if n.surname:
+        if n.surname.isascii():
+            surname = n.surname.lower()
+        else:
+            # The surname's reading, so a Han '王先生' and a Latin 'Wang Wei' can meet.
+            k = len(n.surname)
+            surname = "".join(n.pinyin_tokens[:k]) or n.surname
+    weak = bool(n.surname_only)
+    key = n.pinyin or None
+    # A surname-only name is a hint, not a name: it takes part only in the surname_only level.
+    return (True, weak, None if weak else n.full, n.full, None if weak else key, surname)
+
+
+def _phone(raw: str, city: str | None = None) -> tuple:
+    from crm_sync.identity.normalize import normalize_phone
+
+    p = normalize_phone(raw, city)
+    if not p.e164:
+        return (False, False, None, None, None, None)
+    mobile = p.kind == "mobile"
+    return (True, mobile, p.e164, p.e164 if mobile else None, p.e164 if p.kind == "landline" else None,
+            p.extension)
+
+
+def _email(raw: str) -> tuple:
+    from crm_sync.identity.normalize import normalize_email
+
+    e = normalize_email(raw)
+    if not (e.valid and e.email):
+        return (False, False, None, None, None, None)
+    personal = not e.generic
+    return (True, personal, e.email, e.email if personal else None, None if personal else e.email,
+            e.email.rsplit("@", 1)[1])
+
+
+def _company(raw: str) -> tuple:
+    from crm_sync.identity.normalize import normalize_company
+
+    c = normalize_company(raw)
+    if not c.key:
+        return (False, None, None)
+    return (True, c.key, c.pinyin or None)
+
+
+def _text(raw: str) -> tuple:
+    from crm_sync.identity.normalize import nfkc
+
+    value = " ".join(nfkc(raw).casefold().split())
+    return (bool(value), value or None)
+
+
+def _exact(raw: str) -> tuple:
+    value = str(raw).strip()
+    return (bool(value), value or None)
+
+
+_NORMALISE: dict[str, Callable[..., tuple]] = {
+    "person_name": _person_name, "phone": _phone, "email": _email,
+    "company": _company, "text": _text, "exact": _exact,
+}
+
+
+def _apply_chunk(args: tuple[str, list[Any]]) -> list[tuple]:
+    kind, values = args
+    fn = _NORMALISE[kind]
+    if kind == "phone":
+        return [fn(raw, city) for raw, city in values]
+    return [fn(v) for v in values]
+
+
+def _normalise_uniques(kind: str, uniques: list[Any], workers: int) -> list[tuple]:
+    if workers <= 1 or len(uniques) < _PARALLEL_MIN_DISTINCT:
+        return _apply_chunk((kind, uniques))
+    import multiprocessing as mp
+
+    size = -(-len(uniques) // (workers * 4))
+    chunks = [(kind, uniques[i:i + size]) for i in range(0, len(uniques), size)]
+    # fork: workers inherit the loaded normalisers and their warm caches
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        out: list[tuple] = []
+        for part in pool.map(_apply_chunk, chunks):
+            out.extend(part)
+    return out
+
+
+def build(df: pd.DataFrame, settings: Settings, *, workers: int | None = None) -> pd.DataFrame:
+    """Derived feature columns for `df` (see module docstring), one row per input row."""
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    out: dict[str, Any] = {}
+    n = len(df)
+    done: dict[tuple, tuple[np.ndarray, list[tuple]]] = {}
+    for spec in settings.fields:
+        # two fields reading the same columns with the same normaliser (mobile / landline of one
+        # phone column) share one normalisation pass
+        source = (spec.normaliser, tuple(spec.source_columns), spec.city_column)
+        if source in done:
+            codes, rows = done[source]
+            _store(out, spec, codes, rows, n)
+            continue
+        raw = _raw_values(df, spec)
+        if spec.normaliser == "phone" and spec.city_column:
+            city = _clean_raw(df[spec.city_column]).reset_index(drop=True)
+            keyed = (raw + "\x1f" + city.fillna("")).where(raw.notna(), None)
+            codes, uniques = pd.factorize(keyed, use_na_sentinel=True)
+            unique_values = [(k.split("\x1f", 1)[0], k.split("\x1f", 1)[1] or None) for k in uniques]
+        else:
+            codes, uniques = pd.factorize(raw, use_na_sentinel=True)
+            unique_values = [(v, None) for v in uniques] if spec.normaliser == "phone" else list(uniques)
+        rows = _normalise_uniques(spec.normaliser, unique_values, workers)
+        done[source] = (codes, rows)
+        _store(out, spec, codes, rows, n)
+    return pd.DataFrame(out, index=pd.RangeIndex(n))
+
+
+def _store(out: dict[str, Any], spec: FieldSpec, codes: np.ndarray, rows: list[tuple], n: int) -> None:
+    names = _OUTPUTS[spec.normaliser]
+    per_unique: dict[str, np.ndarray] = {}
+    for pos, attr in enumerate(names):
+        column = [r[pos] for r in rows]
+        if attr in ("present", "weak", "strong_kind"):
+            arr = np.append(np.array(column, dtype=bool), False)
+        else:
+            arr = np.empty(len(column) + 1, dtype=object)
+            arr[:-1] = column
+            arr[-1] = None
+        per_unique[attr] = arr
+    if spec.use:
+        # the field is this attribute alone: a landline-only field is missing for a mobile
+        per_unique["value"] = per_unique[spec.use]
+        per_unique["present"] = np.array([v is not None for v in per_unique["value"]], dtype=bool)
+        if "strong_kind" in per_unique:
+            per_unique["strong_kind"] = per_unique["strong_kind"] & per_unique["present"]
+    for attr, arr in per_unique.items():
+        out[f"{spec.name}.{attr}"] = arr[codes] if n else arr[:0]
+    if spec.normaliser != "person_name":
+        out[f"{spec.name}.weak"] = np.zeros(n, dtype=bool)
+    if "strong_kind" not in names:
+        out[f"{spec.name}.strong_kind"] = out[f"{spec.name}.present"].copy()
+
+
+def feature_columns(settings: Settings) -> list[str]:
+    cols: list[str] = []
+    for spec in settings.fields:
+        cols += [f"{spec.name}.{a}" for a in _OUTPUTS[spec.normaliser]]
+        if spec.normaliser != "person_name":
+            cols.append(f"{spec.name}.weak")
+        if "strong_kind" not in _OUTPUTS[spec.normaliser]:
+            cols.append(f"{spec.name}.strong_kind")
+    return cols
+
+
+def has_features(df: pd.DataFrame, settings: Settings) -> bool:
+    """True when `df` already carries the feature columns (e.g. a master stored pre-normalised)."""
+    return all(c in df.columns for c in feature_columns(settings))
+
+
+@dataclass
+class Encoded:
+    """Integer-coded features of one frame: equality is code equality, -1 means none."""
+
+    n: int
+    codes: dict[str, np.ndarray]          # "field.attr" -> int32 codes
+    uniques: dict[str, np.ndarray]        # "field.attr" -> object array of distinct values
+    flags: dict[str, np.ndarray]          # "field.present" / ".weak" / ".strong_kind" -> bool
+
+    def strings(self, column: str, codes: np.ndarray) -> list[str]:
+        return self.uniques[column][codes].tolist()
+
+
+def encode(features: pd.DataFrame, settings: Settings) -> Encoded:
+    codes: dict[str, np.ndarray] = {}
+    uniques: dict[str, np.ndarray] = {}
+    flags: dict[str, np.ndarray] = {}
+    for spec in settings.fields:
+        for attr in ("present", "weak", "strong_kind"):
+            col = f"{spec.name}.{attr}"
+            flags[col] = features[col].to_numpy(dtype=bool)
+        for attr in ATTRIBUTES[spec.normaliser]:
+            col = f"{spec.name}.{attr}"
+            c, u = pd.factorize(features[col], use_na_sentinel=True)
+            codes[col] = c.astype(np.int32, copy=False)
+            uniques[col] = np.asarray(u, dtype=object)
+    return Encoded(len(features), codes, uniques, flags)

@@ -1,0 +1,436 @@
+"""A SaaS ticketing desk on loopback: users and tickets behind a paged, rate-limited REST API.
+
+Guarantees:
+- `TicketingStore.generate(people, seed, now)` is deterministic: about half of the people become
+  users (independently of the ERP, so many are in both sources and a few sign up twice), with
+  names, phones and emails rendered by the same noisy functions as the ERP. `store.truth` maps
+  user id -> person_id. Every `updated_at` is strictly before `now`.
+- `GET /api/v2/users` and `GET /api/v2/tickets` honour exactly the contract that
+  `crm_sync.sources.http_source.fetch_pages` relies on: `Authorization: Bearer <token>` (else a
+  401 JSON error), `updated_since` inclusive, `updated_before` exclusive, `limit` 1..1000, and
+  an opaque `cursor`; records come ordered by (updated_at, id) as `{"data": [...],
+  "next_cursor": str | null}`. The cursor encodes the last (updated_at, id) returned, so paging
+  stays stable while records change: every record inside the window is seen once, unless it is
+  updated past the cursor, in which case it reappears later (as on the real desk).
+- Faults are configured at construction or at runtime (`POST /_admin/faults`), and every call to
+  the data endpoints is counted by endpoint and status (`GET /_admin/stats`), so tests can prove
+  how many billed calls a sync made. Faults apply to the data endpoints only; the admin endpoints
+  need the same token.
+- `TicketingServer` runs the app with uvicorn in a background thread on 127.0.0.1 and returns
+  from `start()` only once it answers. `python -m crm_sync.simulators.ticketing` runs it standalone.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hmac
+import json
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any, Sequence
+
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse
+
+from crm_sync.simulators.people import Person, render_email, render_name, render_phone
+
+ENDPOINTS = {"users": "/api/v2/users", "tickets": "/api/v2/tickets"}
+MAX_LIMIT = 1000
+TICKET_STATUSES = ("new", "open", "pending", "hold", "solved", "closed")
+TICKET_PRIORITIES = ("low", "normal", "high", "urgent")
+_SUBJECTS = ("发票开错了，请重开", "订单一直没有发货", "无法登录账户", "申请退款", "产品使用咨询", "合同续签",
+             "更换联系人电话", "物流信息不更新", "报价单请求", "售后维修预约", "Invoice copy needed", "API access request")
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What the desk does wrong. Zero / False everywhere means a well-behaved API."""
+
+    rate_limit_every: int = 0        # every Nth data request answers 429
+    retry_after_seconds: int = 1     # the Retry-After header of those 429s
+    error_rate: float = 0.0          # this fraction of data requests answers 503 or 500
+    slow_seconds: float = 0.0        # every data request waits this long first
+    timeout_every: int = 0           # every Nth data request hangs for hang_seconds
+    hang_seconds: float = 30.0       # longer than any sane client timeout
+    outage: bool = False             # every data request answers 503
+    seed: int = 0                    # of the error_rate draws, so a failing run can be replayed
+
+    def updated(self, **changes: Any) -> "Faults":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown fault settings {unknown}; known: {sorted(known)}")
+        for name, value in changes.items():
+            expected = type(getattr(self, name))
+            allowed = (int, float) if expected is float else expected
+            if not isinstance(value, allowed) or (expected is not bool and isinstance(value, bool)):
+                raise ValueError(f"fault setting {name} must be {expected.__name__}, got {value!r}")
+        return replace(self, **changes)
+
+
+def _iso(ts: datetime, rng: random.Random) -> str:
+    # Both UTC spellings occur in the wild; the client must accept either.
+    text = ts.astimezone(timezone.utc).isoformat()
+    return text.replace("+00:00", "Z") if rng.random() < 0.5 else text
+
+
+def _parse_ts(text: str) -> datetime:
+    # A '+' left unencoded in a query string arrives as a space.
+    value = datetime.fromisoformat(text.strip().replace(" ", "+").replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no UTC offset")
+    return value
+
+
+def _record_ts(record: dict) -> datetime:
+    return _parse_ts(record["updated_at"])
+
+
+class TicketingStore:
+    """Users and tickets in memory, with the truth behind the users. Thread-safe."""
+
+    def __init__(self, people: Sequence[Person] = (), users: list[dict] | None = None,
+                 tickets: list[dict] | None = None, truth: dict[str, str] | None = None):
+        self.people = list(people)
+        self.users: list[dict] = users or []
+        self.tickets: list[dict] = tickets or []
+        self.truth: dict[str, str] = truth or {}
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # The demo pickles the store between runs; a lock cannot be pickled.
+        state = self.__dict__.copy()
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
+    @classmethod
+    def generate(cls, people: Sequence[Person], seed: int, now: datetime) -> "TicketingStore":
+        rng = random.Random(f"ticketing:{seed}")
+        store = cls(people)
+        chosen = [p for p in people if rng.random() < 0.5]
+        twice = rng.sample(chosen, len(chosen) // 50)  # people who signed up again with another address
+        entries = chosen + twice
+        rng.shuffle(entries)
+        for person in entries:
+            store._add_user(person, rng, _before(rng, now, 30 * 86_400), now, tickets=rng.randint(0, 4))
+        return store
+
+    def _next_id(self, prefix: str, items: list[dict], width: int) -> str:
+        return f"{prefix}-{len(items) + 1:0{width}d}"
+
+    def _add_user(self, person: Person, rng: random.Random, updated_at: datetime, now: datetime, tickets: int) -> str:
+        user_id = self._next_id("u", self.users, 6)
+        created_at = min(updated_at, now - timedelta(days=rng.randint(1, 900), seconds=rng.randint(0, 86_399)))
+        phone = (render_phone(person.landline, rng, extension=person.extension)
+                 if person.landline and rng.random() < 0.25 else render_phone(person.mobile, rng))
+        self.users.append({
+            "id": user_id,
+            "name": render_name(person, rng),
+            "phone": phone,
+            "email": render_email(person.email, rng),
+            "organization": person.company if rng.random() < 0.8 else (person.company.replace("有限公司", "") or None),
+            "created_at": _iso(created_at, rng),
+            "updated_at": _iso(updated_at, rng),
+        })
+        self.truth[user_id] = person.person_id
+        for _ in range(tickets):
+            self._add_ticket(user_id, rng, _before(rng, now, 30 * 86_400))
+        return user_id
+
+    def _add_ticket(self, requester_id: str, rng: random.Random, updated_at: datetime) -> str:
+        ticket_id = self._next_id("t", self.tickets, 7)
+        created_at = updated_at - timedelta(seconds=rng.randint(0, 20 * 86_400))
+        self.tickets.append({
+            "id": ticket_id,
+            "requester_id": requester_id,
+            "subject": rng.choice(_SUBJECTS),
+            "status": rng.choices(TICKET_STATUSES, (10, 20, 10, 5, 25, 30))[0],
+            "priority": rng.choices(TICKET_PRIORITIES, (20, 55, 20, 5))[0],
+            "created_at": _iso(created_at, rng),
+            "updated_at": _iso(updated_at, rng),
+        })
+        return ticket_id
+
+    def apply_changes(self, seed: int, now: datetime, n_updates: int = 30, n_new: int = 10) -> dict[str, list[str]]:
+        """Touch `n_updates` users and tickets, add `n_new` users (with tickets); all in the hour before `now`."""
+        rng = random.Random(f"ticketing-changes:{seed}:{now.isoformat()}")
+        changed: dict[str, list[str]] = {"updated_users": [], "new_users": [], "updated_tickets": [], "new_tickets": []}
+        with self.lock:
+            for user in rng.sample(self.users, min(n_updates, len(self.users))):
+                if user["email"]:
+                    user["email"] = user["email"].strip().lower()
+                user["updated_at"] = _iso(_before(rng, now, 3_600), rng)
+                changed["updated_users"].append(user["id"])
+            for ticket in rng.sample(self.tickets, min(n_updates, len(self.tickets))):
+                ticket["status"] = {"new": "open", "open": "pending", "pending": "solved",
+                                    "solved": "closed"}.get(ticket["status"], ticket["status"])
+                ticket["updated_at"] = _iso(_before(rng, now, 3_600), rng)
+                changed["updated_tickets"].append(ticket["id"])
+            known = set(self.truth.values())
+            pool = [p for p in self.people if p.person_id not in known]
+            for person in rng.sample(pool, min(n_new, len(pool))):
+                before = len(self.tickets)
+                user_id = self._add_user(person, rng, _before(rng, now, 3_600), now, tickets=0)
+                self._add_ticket(user_id, rng, _before(rng, now, 3_600))
+                changed["new_users"].append(user_id)
+                changed["new_tickets"] += [t["id"] for t in self.tickets[before:]]
+        return changed
+
+    def page(self, kind: str, *, since: datetime | None, before: datetime | None, limit: int,
+             after: tuple[datetime, str] | None) -> tuple[list[dict], tuple[datetime, str] | None]:
+        """One page of `kind` in (updated_at, id) order, and the key to continue after, if any."""
+        with self.lock:
+            keyed = [((_record_ts(r), r["id"]), r) for r in (self.users if kind == "users" else self.tickets)]
+        keyed = [(k, r) for k, r in keyed
+                 if (since is None or k[0] >= since) and (before is None or k[0] < before) and (after is None or k > after)]
+        keyed.sort(key=lambda item: item[0])
+        page = keyed[:limit]
+        more = len(keyed) > limit
+        return [dict(r) for _, r in page], (page[-1][0] if more else None)
+
+
+def _before(rng: random.Random, now: datetime, max_seconds: int) -> datetime:
+    return now - timedelta(seconds=rng.randint(1, max_seconds), microseconds=rng.randint(0, 999) * 1000)
+
+
+def encode_cursor(key: tuple[datetime, str]) -> str:
+    raw = json.dumps([key[0].isoformat(), key[1]]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    ts, record_id = json.loads(raw)
+    return _parse_ts(ts), str(record_id)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_endpoint: dict[str, dict[str, int]] = {}
+        self.requests = 0  # authenticated data requests, the clock of the every-Nth faults
+
+    def record(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            counts = self.by_endpoint.setdefault(endpoint, {})
+            counts[str(status)] = counts.get(str(status), 0) + 1
+
+    def tick(self) -> int:
+        with self.lock:
+            self.requests += 1
+            return self.requests
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "calls": sum(sum(c.values()) for c in self.by_endpoint.values()),
+                "by_endpoint": {e: dict(c) for e, c in self.by_endpoint.items()},
+            }
+
+    def reset(self) -> None:
+        with self.lock:
+            self.by_endpoint.clear()
+            self.requests = 0
+
+
+def create_app(store: TicketingStore, token: str, faults: Faults | None = None):
+    """The FastAPI app; `app.state.faults` and `app.state.stats` are the live settings and counters."""
+    if not token:
+        raise ValueError("the ticketing simulator needs a non-empty API token")
+    app = FastAPI(title="ticketing desk simulator", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.faults = faults or Faults()
+    app.state.stats = _Stats()
+    app.state.error_rng = random.Random(app.state.faults.seed)
+
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+    def authorised(request: Request) -> bool:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+
+    async def misbehave() -> JSONResponse | None:
+        f: Faults = app.state.faults
+        n = app.state.stats.tick()
+        if f.outage:
+            return error(503, "service unavailable (outage)")
+        if f.rate_limit_every and n % f.rate_limit_every == 0:
+            return error(429, "rate limit exceeded", {"Retry-After": str(f.retry_after_seconds)})
+        if f.error_rate and app.state.error_rng.random() < f.error_rate:
+            status = app.state.error_rng.choice((500, 503))
+            return error(status, "internal error" if status == 500 else "service unavailable")
+        if f.timeout_every and n % f.timeout_every == 0:
+            await asyncio.sleep(f.hang_seconds)
+        if f.slow_seconds:
+            await asyncio.sleep(f.slow_seconds)
+        return None
+
+    async def serve(kind: str, request: Request) -> JSONResponse:
+        endpoint = ENDPOINTS[kind]
+        response = await answer(kind, request)
+        app.state.stats.record(endpoint, response.status_code)
+        return response
+
+    async def answer(kind: str, request: Request) -> JSONResponse:
+        if not authorised(request):
+            return error(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+        fault = await misbehave()
+        if fault is not None:
+            return fault
+        q = request.query_params
+        try:
+            since = _parse_ts(q["updated_since"]) if q.get("updated_since") else None
+            before = _parse_ts(q["updated_before"]) if q.get("updated_before") else None
+            limit = int(q.get("limit", 100))
+            after = decode_cursor(q["cursor"]) if q.get("cursor") else None
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+            return error(400, f"invalid query parameter: {exc}")
+        if not 1 <= limit <= MAX_LIMIT:
+            return error(400, f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        records, last = store.page(kind, since=since, before=before, limit=limit, after=after)
+        return JSONResponse({"data": records, "next_cursor": encode_cursor(last) if last else None})
+
+    @app.get(ENDPOINTS["users"])
+    async def users(request: Request):
+        return await serve("users", request)
+
+    @app.get(ENDPOINTS["tickets"])
+    async def tickets(request: Request):
+        return await serve("tickets", request)
+
+    @app.post("/_admin/faults")
+    async def set_faults(request: Request):
+        if not authorised(request):
+            return error(401, "missing or invalid bearer token")
+        try:
+            changes = await request.json()
+            if not isinstance(changes, dict):
+                raise ValueError("body must be a JSON object")
+            app.state.faults = app.state.faults.updated(**changes)
+        except ValueError as exc:
+            return error(400, str(exc))
+        if "seed" in changes:
+            app.state.error_rng = random.Random(app.state.faults.seed)
+        return asdict(app.state.faults)
+
+    @app.get("/_admin/stats")
+    async def stats(request: Request):
+        if not authorised(request):
+            return error(401, "missing or invalid bearer token")
+        return app.state.stats.snapshot()
+
+    @app.post("/_admin/stats/reset")
+    async def reset_stats(request: Request):
+        if not authorised(request):
+            return error(401, "missing or invalid bearer token")
+        app.state.stats.reset()
+        return app.state.stats.snapshot()
+
+    return app
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class TicketingServer:
+    """The simulator on a background uvicorn thread; use as a context manager or start()/stop()."""
+
+    def __init__(self, store: TicketingStore, token: str, host: str = "127.0.0.1", port: int = 0,
+                 faults: Faults | None = None):
+        self.store = store
+        self.host = host
+        self.port = port or free_port(host)
+        self.app = create_app(store, token, faults)
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "TicketingServer":
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
+                                lifespan="off", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name=f"ticketing-sim-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"ticketing simulator did not start on {self.base_url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> "TicketingServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def set_faults(self, **changes: Any) -> Faults:
+        self.app.state.faults = self.app.state.faults.updated(**changes)
+        if "seed" in changes:
+            self.app.state.error_rng = random.Random(self.app.state.faults.seed)
+        return self.app.state.faults
+
+    def reset(self) -> None:
+        """Back to a well-behaved API with zeroed counters."""
+        self.app.state.faults = Faults()
+        self.app.state.error_rng = random.Random(0)
+        self.app.state.stats.reset()
+
+    def stats(self) -> dict:
+        return self.app.state.stats.snapshot()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from crm_sync.simulators.people import generate_people
+
+    parser = argparse.ArgumentParser(description="Run the ticketing desk simulator on loopback.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--token", default=os.environ.get("TICKETING_API_TOKEN"),
+                        help="bearer token clients must present (default: $TICKETING_API_TOKEN)")
+    parser.add_argument("--people", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--rate-limit-every", type=int, default=0)
+    parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument("--slow-seconds", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    if not args.token:
+        parser.error("give --token or set TICKETING_API_TOKEN")
+    import uvicorn
+
+    # Standalone runs serve "today's" data, so the wall clock is the right `now` here.
+    store = TicketingStore.generate(generate_people(args.people, args.seed), args.seed, datetime.now(timezone.utc))
+    faults = Faults(rate_limit_every=args.rate_limit_every, error_rate=args.error_rate, slow_seconds=args.slow_seconds)
+    print(f"ticketing simulator: {len(store.users)} users, {len(store.tickets)} tickets "
+          f"on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(create_app(store, args.token, faults), host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
