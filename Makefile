@@ -30,7 +30,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_load.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_load.py $(BENCH_LOAD_ARGS)
+	$(BIN)/python bench/bench_identity.py $(BENCH_IDENTITY_ARGS)
 
 db-stop: $(STAMP)
 	$(BIN)/crm-sync db-stop

@@ -104,6 +104,7 @@ class SourceConfig(_Strict):
     timezone: str = "UTC"
     sync_mode: Literal["full", "incremental"]
     lookback_minutes: int = Field(default=10, ge=0)
+    max_volume_drop: float = Field(default=0.5, gt=0, le=1)  # full refresh: block a batch this much smaller
     priority: int = Field(default=50, ge=0, le=100)  # survivorship: higher wins for golden fields
     pool: str | None = None
     pool_slots: int = Field(default=1, ge=1)

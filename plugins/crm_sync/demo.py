@@ -107,8 +107,11 @@ def airflow_env(connections: dict[str, str], extra: dict[str, str] | None = None
 
 
 def ensure_airflow_db(env: dict[str, str]) -> None:
-    marker = airflow_home() / ".migrated"
-    if marker.exists() and (airflow_home() / "airflow.db").exists():
+    """`airflow db migrate` once per AIRFLOW_HOME (SQLite metadata DB of the demo and the tests)."""
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    marker = home / ".migrated"
+    if marker.exists() and (home / "airflow.db").exists():
         return
     run = subprocess.run([_airflow_bin(), "db", "migrate"], env=env, capture_output=True, text=True)
     if run.returncode != 0:
@@ -202,7 +205,8 @@ class _Sources:
         if path.exists():
             store = pickle.loads(path.read_bytes())
             if self.scenario is None:
-                store.apply_changes(seed=SEED + self.state.runs, now=end - timedelta(seconds=30))
+                # changes made since the last run: after its watermark, before this interval's end
+                store.apply_changes(seed=SEED + self.state.runs, now=end - timedelta(seconds=30), window_seconds=60)
         else:
             store = ticketing.TicketingStore.generate(people.generate_people(PEOPLE, SEED), seed=SEED,
                                                       now=end - timedelta(minutes=5))

@@ -136,8 +136,11 @@ def map_stream(source: str, stream_name: str, context: dict) -> dict:
 def validate_stream(source: str, stream_name: str, context: dict) -> dict:
     from crm_sync.quality.validate import validate_stream as run_validate
 
+    from crm_sync.quality.volume import check_volume
+
     cfg = load_source(source)
     with _stage(cfg, context, "validate") as conn:
+        check_volume(conn, context["run_id"], cfg, cfg.stream(stream_name))
         outcome = run_validate(conn, context["run_id"], cfg, cfg.stream(stream_name))
     return {"rows": outcome.rows, "quarantined": outcome.quarantined, "warnings": outcome.failed_warning}
 

@@ -55,6 +55,7 @@ class Faults:
     rate_limit_every: int = 0        # every Nth data request answers 429
     retry_after_seconds: int = 1     # the Retry-After header of those 429s
     error_rate: float = 0.0          # this fraction of data requests answers 503 or 500
+    error_every: int = 0             # every Nth data request answers 503 (a deterministic flaky desk)
     slow_seconds: float = 0.0        # every data request waits this long first
     timeout_every: int = 0           # every Nth data request hangs for hang_seconds
     hang_seconds: float = 30.0       # longer than any sane client timeout
@@ -161,27 +162,28 @@ class TicketingStore:
         })
         return ticket_id
 
-    def apply_changes(self, seed: int, now: datetime, n_updates: int = 30, n_new: int = 10) -> dict[str, list[str]]:
-        """Touch `n_updates` users and tickets, add `n_new` users (with tickets); all in the hour before `now`."""
+    def apply_changes(self, seed: int, now: datetime, n_updates: int = 30, n_new: int = 10,
+                      window_seconds: int = 3_600) -> dict[str, list[str]]:
+        """Touch `n_updates` users and tickets, add `n_new` users (with tickets); all in the `window_seconds` before `now`."""
         rng = random.Random(f"ticketing-changes:{seed}:{now.isoformat()}")
         changed: dict[str, list[str]] = {"updated_users": [], "new_users": [], "updated_tickets": [], "new_tickets": []}
         with self.lock:
             for user in rng.sample(self.users, min(n_updates, len(self.users))):
                 if user["email"]:
                     user["email"] = user["email"].strip().lower()
-                user["updated_at"] = _iso(_before(rng, now, 3_600), rng)
+                user["updated_at"] = _iso(_before(rng, now, window_seconds), rng)
                 changed["updated_users"].append(user["id"])
             for ticket in rng.sample(self.tickets, min(n_updates, len(self.tickets))):
                 ticket["status"] = {"new": "open", "open": "pending", "pending": "solved",
                                     "solved": "closed"}.get(ticket["status"], ticket["status"])
-                ticket["updated_at"] = _iso(_before(rng, now, 3_600), rng)
+                ticket["updated_at"] = _iso(_before(rng, now, window_seconds), rng)
                 changed["updated_tickets"].append(ticket["id"])
             known = set(self.truth.values())
             pool = [p for p in self.people if p.person_id not in known]
             for person in rng.sample(pool, min(n_new, len(pool))):
                 before = len(self.tickets)
-                user_id = self._add_user(person, rng, _before(rng, now, 3_600), now, tickets=0)
-                self._add_ticket(user_id, rng, _before(rng, now, 3_600))
+                user_id = self._add_user(person, rng, _before(rng, now, window_seconds), now, tickets=0)
+                self._add_ticket(user_id, rng, _before(rng, now, window_seconds))
                 changed["new_users"].append(user_id)
                 changed["new_tickets"] += [t["id"] for t in self.tickets[before:]]
         return changed
@@ -266,6 +268,8 @@ def create_app(store: TicketingStore, token: str, faults: Faults | None = None):
             return error(503, "service unavailable (outage)")
         if f.rate_limit_every and n % f.rate_limit_every == 0:
             return error(429, "rate limit exceeded", {"Retry-After": str(f.retry_after_seconds)})
+        if f.error_every and n % f.error_every == 0:
+            return error(503, "service unavailable (flaky)")
         if f.error_rate and app.state.error_rng.random() < f.error_rate:
             status = app.state.error_rng.choice((500, 503))
             return error(status, "internal error" if status == 500 else "service unavailable")

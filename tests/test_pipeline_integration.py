@@ -1,0 +1,252 @@
+"""End to end through real Airflow runs (`airflow dags test`), real PostgreSQL, real GX and real HTTP.
+
+One module-wide stack: a fresh CRM database, the ERP sample source in its own database, the
+ticketing API simulator and an SMTP outbox on loopback. The tests run in file order and build on
+each other like a day of operations: first loads, a rerun, rate limits, flaky 5xx, a bad batch,
+an API outage.
+"""
+from __future__ import annotations
+
+import email
+import json
+import re
+import secrets
+import shutil
+import uuid
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crm_sync import db, demo
+from crm_sync.config import load_source_file
+from crm_sync.simulators import erp, people
+from crm_sync.simulators.smtp_outbox import OutboxServer
+from crm_sync.simulators.ticketing import Faults, TicketingServer, TicketingStore
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 7
+
+
+class Stack:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def run(self, source: str, logical_date: datetime | None = None) -> int:
+        cfg = self.configs[source]
+        log = self.tmp / f"{cfg.dag_id}-{uuid.uuid4().hex[:6]}.log"
+        code = demo.run_dag(cfg.dag_id, logical_date or self.now, self.env, log)
+        self.last_log = log
+        return code
+
+    def crm(self, sql: str, params=()):
+        conn = db.connect(self.dsn)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall()
+        finally:
+            conn.close()
+
+    def one(self, sql: str, params=()):
+        return self.crm(sql, params)[0][0]
+
+    def snapshot(self) -> dict:
+        return {
+            "customers": self.crm("select customer_id, full_name, phone_e164, email, merged_into from crm.customer "
+                                  "order by customer_id"),
+            "links": self.crm("select source, source_id, customer_id from crm.customer_link order by 1, 2"),
+            "source_rows": self.crm("select source, source_id, row_hash, loaded_run_id from crm.source_customer "
+                                    "order by 1, 2"),
+            "orders": self.crm("select order_id, amount, row_hash, loaded_run_id from crm.sales_order order by 1"),
+            "tickets": self.crm("select ticket_id, status, loaded_run_id from crm.ticket order by 1"),
+            "watermarks": self.crm("select source, stream, cursor_value, cursor_pk from sync.watermark order by 1, 2"),
+        }
+
+    def mails(self) -> list[Path]:
+        return sorted(self.outbox.glob("*.eml"))
+
+    def last_run(self, source: str) -> dict:
+        rows = self.crm("select run_id, state, failed_task, error, rows_extracted, rows_loaded, rows_rejected "
+                        "from sync.run_log where source = %s order by started_at desc limit 1", (source,))
+        keys = ["run_id", "state", "failed_task", "error", "rows_extracted", "rows_loaded", "rows_rejected"]
+        return dict(zip(keys, rows[0]))
+
+
+@pytest.fixture(scope="module")
+def stack(fresh_dsn, pg_admin_dsn, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    # config is data: the same YAMLs, with the HTTP client's backoff shortened so retries take seconds
+    include = tmp / "include"
+    shutil.copytree(ROOT / "include", include)
+    tk = include / "sources" / "ticketing.yaml"
+    doc = yaml.safe_load(tk.read_text())
+    doc["http"].update({"max_attempts": 3, "backoff_seconds": 0.05, "timeout_seconds": 5})
+    tk.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+    configs = {"erp": load_source_file(include / "sources" / "erp.yaml"), "ticketing": load_source_file(tk)}
+
+    now = datetime.now(timezone.utc)
+    ends = {name: demo.interval_end(cfg, now) for name, cfg in configs.items()}
+    erp_db = f"crm_test_erp_{uuid.uuid4().hex[:8]}"
+    db.ensure_database(pg_admin_dsn, erp_db)
+    erp_dsn = db.with_database(pg_admin_dsn, erp_db)
+    pool = people.generate_people(300, SEED)
+    conn = db.connect(erp_dsn)
+    erp.seed(conn, people=pool, seed=SEED, now=ends["erp"] - timedelta(minutes=5))
+    conn.close()
+    store = TicketingStore.generate(pool, seed=SEED, now=ends["ticketing"] - timedelta(minutes=5))
+    token = secrets.token_urlsafe(16)
+    outbox = tmp / "outbox"
+    with TicketingServer(store, token=token, faults=Faults(rate_limit_every=4)) as api, OutboxServer(outbox) as smtp:
+        connections = {
+            "crm_db": db.airflow_conn_json(fresh_dsn),
+            "erp_src": db.airflow_conn_json(erp_dsn),
+            "ticketing_api": json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": api.port,
+                                         "schema": "http", "password": token}),
+            "smtp_alerts": json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
+                                       "extra": {"disable_ssl": True, "disable_tls": True, "timeout": 10,
+                                                 "retry_limit": 1, "from_email": "crm-sync@localhost"}}),
+        }
+        env = demo.airflow_env(connections, extra={
+            "AIRFLOW_HOME": str(ROOT / ".local" / "airflow-test"),
+            "CRM_SYNC_INCLUDE_DIR": str(include),
+            "CRM_SYNC_RETRY_DELAY_SECONDS": "1",
+        })
+        demo.ensure_airflow_db(env)
+        yield Stack(tmp=tmp, configs=configs, now=now, ends=ends, dsn=fresh_dsn, erp_dsn=erp_dsn, store=store,
+                    api=api, outbox=outbox, env=env, token=token)
+    conn = db.connect(pg_admin_dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'drop database if exists "{erp_db}" with (force)')
+    conn.close()
+
+
+def _src(stack, sql):
+    conn = db.connect(stack.erp_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_erp_run_loads_customers_and_orders_with_exact_sums(stack):
+    assert stack.run("erp") == 0, stack.last_log.read_text()[-4000:]
+    run = stack.last_run("erp")
+    assert run["state"] == "success"
+    customers = _src(stack, "select count(*) from src_erp.customers")[0][0]
+    orders, total = _src(stack, "select count(*), sum(amount) from src_erp.orders")[0]
+    assert stack.one("select count(*) from crm.source_customer where source = 'erp'") == customers
+    assert stack.one("select count(*) from crm.customer_link where source = 'erp'") == customers
+    assert stack.one("select count(*) from crm.sales_order where source = 'erp'") == orders
+    assert stack.one("select sum(amount) from crm.sales_order where source = 'erp'") == total
+    assert isinstance(total, Decimal)
+    checks = stack.crm("select stream, check_name, ok from sync.reconciliation where run_id = %s", (run["run_id"],))
+    assert {(s, c) for s, c, _ in checks} >= {("customers", "row_count"), ("orders", "amount_sum")}
+    assert all(ok for _, _, ok in checks)
+    # in-source duplicates (one person, two customer numbers with the same mobile) share one customer
+    assert stack.one("select count(distinct customer_id) from crm.customer_link where source = 'erp'") < customers
+
+
+def test_rerun_of_the_same_interval_changes_nothing(stack):
+    before = stack.snapshot()
+    assert stack.run("erp") == 0, stack.last_log.read_text()[-4000:]
+    assert stack.snapshot() == before
+
+
+def test_ticketing_survives_rate_limits_and_merges_across_sources(stack):
+    stack.api.reset()
+    stack.api.set_faults(rate_limit_every=4)
+    assert stack.run("ticketing") == 0, stack.last_log.read_text()[-4000:]
+    stats = stack.api.stats()
+    statuses = {s for per in stats["by_endpoint"].values() for s in per}
+    assert "429" in statuses or 429 in statuses
+    run = stack.last_run("ticketing")
+    assert run["state"] == "success"
+    assert stack.one("select count(*) from crm.source_customer where source = 'ticketing'") == len(stack.store.users)
+    assert stack.one("select api_calls from sync.run_log where run_id = %s and source = 'ticketing'",
+                     (run["run_id"],)) == stats["calls"]
+    both = stack.one("""select count(*) from crm.customer c
+                        where exists (select 1 from crm.customer_link l where l.customer_id = c.customer_id and l.source = 'erp')
+                          and exists (select 1 from crm.customer_link l where l.customer_id = c.customer_id and l.source = 'ticketing')""")
+    assert both > 0
+
+
+def test_incremental_run_picks_up_changes_and_retries_5xx(stack):
+    marks_before = dict(((s, st), v) for s, st, v, _ in stack.snapshot()["watermarks"])
+    changed = stack.store.apply_changes(seed=SEED + 1, now=stack.ends["ticketing"] - timedelta(seconds=20),
+                                        window_seconds=60)
+    stack.api.reset()
+    stack.api.set_faults(error_every=2)
+    assert stack.run("ticketing") == 0, stack.last_log.read_text()[-4000:]
+    statuses = {str(s) for per in stack.api.stats()["by_endpoint"].values() for s in per}
+    assert "503" in statuses, statuses
+    run = stack.last_run("ticketing")
+    # incremental: only what changed since the watermark (minus the lookback) is read again
+    assert run["rows_extracted"] < len(stack.store.users) + len(stack.store.tickets)
+    new_ids = changed["new_users"]
+    assert stack.one("select count(*) from crm.customer_link where source = 'ticketing' and source_id = any(%s)",
+                     (new_ids,)) == len(new_ids)
+    marks_after = dict(((s, st), v) for s, st, v, _ in stack.snapshot()["watermarks"])
+    assert marks_after[("ticketing", "users")] > marks_before[("ticketing", "users")]
+
+
+def test_bad_batch_is_blocked_quarantined_and_alerted(stack):
+    before = stack.snapshot()
+    mails = set(stack.mails())
+    conn = db.connect(stack.erp_dsn)
+    bad = erp.inject_bad_batch(conn, now=stack.ends["erp"] - timedelta(seconds=10))
+    conn.close()
+    try:
+        assert stack.run("erp") != 0
+        run = stack.last_run("erp")
+        assert run["state"] == "blocked"
+        assert run["failed_task"].startswith("validate.")
+        assert "DataQualityError" in run["error"] and "batch blocked" in run["error"]
+        reasons = stack.crm("select stream, source_pk, expectation, reason from sync.quarantine "
+                            "where run_id = %s and stage = 'validate'", (run["run_id"],))
+        keys = {pk for _, pk, _, _ in reasons}
+        assert keys & set(bad.customers + bad.orders)
+        assert all(exp for _, _, exp, _ in reasons)
+        assert stack.snapshot() == before  # nothing loaded, no watermark moved
+        new = sorted(set(stack.mails()) - mails)
+        assert new, "no alert e-mail arrived"
+        msg = email.message_from_bytes(new[-1].read_bytes())
+        assert "crm_sync__erp" in msg["Subject"] and "validate" in msg["Subject"]
+        body = msg.get_payload(decode=True).decode() if not msg.is_multipart() else \
+            msg.get_payload()[0].get_payload(decode=True).decode()
+        assert run["run_id"] in body.replace("&#x27;", "'").replace("&amp;", "&") or run["run_id"][:20] in body
+        assert not re.search(r"1[3-9]\d{9}", body), "unmasked mobile in the alert"
+        assert not re.search(r"[\w.+-]{2,}@[\w-]+\.(com|cn|net)", body.replace("crm-sync@localhost", "")), \
+            "unmasked e-mail in the alert"
+    finally:
+        conn = db.connect(stack.erp_dsn)
+        with conn.cursor() as cur:
+            cur.execute("delete from src_erp.orders where order_no = any(%s)", (bad.orders,))
+            cur.execute("delete from src_erp.customers where customer_no = any(%s)", (bad.customers,))
+        conn.commit()
+        conn.close()
+
+
+def test_api_that_stays_down_fails_clearly_without_partial_load(stack):
+    before = stack.snapshot()
+    mails = set(stack.mails())
+    stack.store.apply_changes(seed=SEED + 2, now=stack.ends["ticketing"] - timedelta(seconds=10), window_seconds=5)
+    stack.api.reset()
+    stack.api.set_faults(outage=True)
+    try:
+        assert stack.run("ticketing") != 0
+    finally:
+        stack.api.reset()
+    run = stack.last_run("ticketing")
+    assert run["state"] == "failed"
+    assert run["failed_task"].startswith("extract.")
+    assert "source 'ticketing'" in run["error"] and "failed after 3 attempts" in run["error"]
+    assert "503" in run["error"]
+    assert stack.snapshot() == before
+    assert set(stack.mails()) - mails, "no alert e-mail for the outage"
