@@ -107,6 +107,15 @@ def _what_to_do(names: list[str], *, source: str, run_id: str, dag_id: str, task
             "3. Loads are idempotent: once the cause is understood, clear load and reconcile to publish "
             "the run again and re-check it. Do not mark the task success by hand.",
         ]
+    if "SchemaDriftError" in names:
+        return [
+            "The source's structure changed (a column or field the source YAML reads is gone or renamed). "
+            "Nothing was extracted or loaded and the watermark did not move. Retrying cannot fix it, so it "
+            "was not retried.",
+            "1. The message names the missing column/fields. Ask the source owner whether it was renamed.",
+            f"2. Update the stream's query/mapping in include/sources/{source}.yaml (a reviewed change).",
+            f"3. {clear}",
+        ]
     if "ConfigError" in names or "SuiteError" in names:
         return [
             "A configuration file is invalid (source YAML or expectation suite); the message names the "

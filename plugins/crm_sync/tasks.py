@@ -19,8 +19,9 @@ def _fail_fast_errors() -> tuple[type[BaseException], ...]:
     from crm_sync.quality.validate import DataQualityError, SuiteError
     from crm_sync.reconcile import ReconciliationError
     from crm_sync.sources.http_source import SourceRejected
+    from crm_sync.sources.sql_source import SchemaDriftError
 
-    return (DataQualityError, SuiteError, ReconciliationError, SourceRejected, ConfigError)
+    return (DataQualityError, SuiteError, ReconciliationError, SourceRejected, ConfigError, SchemaDriftError)
 
 
 @contextmanager
@@ -62,7 +63,8 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
 
             src = db.task_connection(cfg.conn_id)
             try:
-                result = ex.stage_records(conn, run_id, cfg, stream, window, ex.iter_sql(src, stream, window))
+                result = ex.stage_records(conn, run_id, cfg, stream, window,
+                                          ex.iter_sql(src, stream, window, source=source))
             finally:
                 src.close()
             calls = 0

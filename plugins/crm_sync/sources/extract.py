@@ -40,8 +40,10 @@ def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, wi
     """Write the records of `batches` to staging in one transaction (caller commits)."""
     latest: dict[str, tuple[datetime | None, dict]] = {}
     rejects: list[quarantine.Reject] = []
+    seen_fields: set[str] = set()
     for batch in batches:
         for record in batch:
+            seen_fields.update(record)
             pk = record.get(stream.primary_key)
             if pk is None or str(pk).strip() == "":
                 rejects.append(quarantine.Reject(stream.name, None, "extract", stream.primary_key,
@@ -60,6 +62,8 @@ def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, wi
             previous = latest.get(pk)
             if previous is None or previous[0] <= cursor_value:
                 latest[pk] = (cursor_value, record)
+    if latest or rejects:
+        check_schema(cfg, stream, seen_fields)
     with conn.cursor() as cur:
         staging.delete_run(cur, "stg.extracted", run_id, cfg.source, stream.name)
         quarantine.clear(cur, run_id, cfg.source, stream.name, stage="extract")
@@ -69,6 +73,37 @@ def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, wi
         )
         quarantine.add(cur, run_id, cfg.source, rejects)
     return ExtractResult(rows=rows, rejected=len(rejects), since=window.since, until=window.until)
+
+
+def expected_fields(stream: StreamConfig) -> set[str]:
+    fields = {stream.primary_key, stream.cursor_field} | {fm.from_ for fm in stream.mapping.values()}
+    if stream.identity is not None:
+        ident = stream.identity
+        fields |= {f for f in (ident.name, ident.email, ident.company, ident.city) if f} | set(ident.phones)
+    return fields
+
+
+def check_schema(cfg: SourceConfig, stream: StreamConfig, seen: set[str]) -> None:
+    """Schema contract: every field the YAML reads must still exist in the source's records.
+
+    A field no record of the batch carries means the source renamed or dropped it; loading on
+    would quietly null a column of the CRM, so the extract fails naming the fields. New fields
+    the YAML does not read are only logged (they evolve the raw payload, which keeps them).
+    """
+    from crm_sync.sources.sql_source import SchemaDriftError
+
+    missing = sorted(expected_fields(stream) - seen)
+    if missing:
+        new = sorted(seen - expected_fields(stream))
+        raise SchemaDriftError(
+            f"source '{cfg.source}' stream '{stream.name}': fields {missing} are missing from every record "
+            f"of the batch (fields not read by the config: {new[:10]}). The source schema changed; nothing "
+            f"was loaded. Update include/sources/{cfg.source}.yaml, then clear the task."
+        )
+    extra = sorted(seen - expected_fields(stream))
+    if extra:
+        log.info("source %s stream %s: fields not mapped (kept in the raw payload): %s", cfg.source, stream.name,
+                 extra[:20])
 
 
 def record_extract(conn, run_id: str, cfg: SourceConfig) -> None:
@@ -84,7 +119,8 @@ def record_extract(conn, run_id: str, cfg: SourceConfig) -> None:
         runlog.update(cur, run_id, cfg.source, rows_extracted=extracted + rejected)
 
 
-def iter_sql(src_conn, stream: StreamConfig, window: Window) -> Iterator[list[dict]]:
+def iter_sql(src_conn, stream: StreamConfig, window: Window, source: str = "?") -> Iterator[list[dict]]:
     from crm_sync.sources.sql_source import fetch_batches
 
-    return fetch_batches(src_conn, stream.query, since=window.since, until=window.until, name=stream.name)
+    return fetch_batches(src_conn, stream.query, since=window.since, until=window.until, name=stream.name,
+                         source=source)

@@ -1,0 +1,129 @@
+"""Stage functions without a scheduler: extract staging, schema contract, watermark window, volume gate, casts."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from crm_sync import db, watermark
+from crm_sync.config import load_source
+from crm_sync.mapping import CastError, cast
+from crm_sync.config import FieldMap
+from crm_sync.quality.validate import DataQualityError
+from crm_sync.quality.volume import check_volume
+from crm_sync.sources import extract as ex
+from crm_sync.sources.sql_source import SchemaDriftError, fetch_batches
+
+T0 = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+
+
+def _user(pk, minutes, **kw):
+    rec = {"id": pk, "name": "张三", "phone": "13800138000", "email": "a@b.cn", "organization": "x",
+           "created_at": T0.isoformat(), "updated_at": (T0 + timedelta(minutes=minutes)).isoformat()}
+    rec.update(kw)
+    return rec
+
+
+def test_stage_records_quarantines_missing_keys_and_keeps_newest_version(conn):
+    cfg = load_source("ticketing")
+    stream = cfg.stream("users")
+    window = watermark.Window(since=None, until=T0 + timedelta(hours=1))
+    batches = [[_user("u1", 1), _user(None, 2), _user("u2", 3, updated_at="garbage")], [_user("u1", 5, name="张三丰")]]
+    result = ex.stage_records(conn, "run-a", cfg, stream, window, batches)
+    assert (result.rows, result.rejected) == (1, 2)
+    with conn.cursor() as cur:
+        cur.execute("select source_pk, payload->>'name', cursor_value from stg.extracted where run_id = 'run-a'")
+        assert cur.fetchall() == [("u1", "张三丰", T0 + timedelta(minutes=5))]
+        cur.execute("select source_pk, field, reason from sync.quarantine where run_id = 'run-a' order by field")
+        rows = cur.fetchall()
+    assert rows[0][:2] == (None, "id") and "primary key is missing" in rows[0][2]
+    assert rows[1][:2] == ("u2", "updated_at") and "garbage" in rows[1][2]
+    # a retried task starts clean: same run, different content, no leftovers
+    ex.stage_records(conn, "run-a", cfg, stream, window, [[_user("u3", 1)]])
+    with conn.cursor() as cur:
+        cur.execute("select source_pk from stg.extracted where run_id = 'run-a'")
+        assert cur.fetchall() == [("u3",)]
+        cur.execute("select count(*) from sync.quarantine where run_id = 'run-a'")
+        assert cur.fetchone()[0] == 0
+
+
+def test_a_field_missing_from_every_record_is_schema_drift(conn):
+    cfg = load_source("ticketing")
+    stream = cfg.stream("users")
+    window = watermark.Window(since=None, until=T0 + timedelta(hours=1))
+    renamed = [{k if k != "phone" else "mobile_phone": v for k, v in _user("u1", 1).items()}]
+    with pytest.raises(SchemaDriftError) as err:
+        ex.stage_records(conn, "run-b", cfg, stream, window, [renamed])
+    message = str(err.value)
+    assert "source 'ticketing' stream 'users'" in message and "['phone']" in message and "mobile_phone" in message
+
+
+def test_sql_source_with_renamed_column_names_it(conn, fresh_dsn):
+    with conn.cursor() as cur:
+        cur.execute("create schema if not exists src_t; create table src_t.c (id text, mobile_phone text, "
+                    "updated_at timestamptz)")
+    conn.commit()
+    src = db.connect(fresh_dsn)
+    try:
+        with pytest.raises(SchemaDriftError, match=r"source 'erp' stream 'customers'.*column \"mobile\" does not exist"):
+            list(fetch_batches(src, "select id, mobile, updated_at from src_t.c where updated_at < %(until)s",
+                               since=None, until=T0, name="customers", source="erp"))
+    finally:
+        src.close()
+
+
+def test_extract_window_is_bounded_by_interval_end_and_falls_back_to_watermark(conn):
+    cfg = load_source("ticketing")
+    end = T0 + timedelta(hours=2)
+    assert watermark.extract_window(conn, cfg, "users", end) == watermark.Window(since=None, until=end)
+    with conn.cursor() as cur:
+        cur.execute("insert into sync.watermark (source, stream, cursor_value, cursor_pk, run_id) "
+                    "values ('ticketing', 'users', %s, 'u9', 'r0')", (T0,))
+    window = watermark.extract_window(conn, cfg, "users", end)
+    assert window.since == T0 - timedelta(minutes=cfg.lookback_minutes) and window.until == end
+    full = load_source("erp")
+    assert watermark.extract_window(conn, full, "customers", end).since is None
+
+
+def test_volume_gate_blocks_a_full_extract_that_shrank(conn):
+    cfg = load_source("erp")
+    stream = cfg.stream("customers")
+    with conn.cursor() as cur:
+        cur.execute("insert into sync.run_log (run_id, source, dag_id, state) values ('good', 'erp', 'd', 'success')")
+        cur.execute("insert into sync.reconciliation (run_id, source, stream, check_name, source_value, target_value, ok)"
+                    " values ('good', 'erp', 'customers', 'row_count', 1000, 1000, true)")
+        cur.execute("insert into stg.extracted (run_id, source, stream, source_pk, cursor_value, payload) "
+                    "select 'small', 'erp', 'customers', g::text, now(), '{}' from generate_series(1, 100) g")
+        cur.execute("insert into stg.extracted (run_id, source, stream, source_pk, cursor_value, payload) "
+                    "select 'fine', 'erp', 'customers', g::text, now(), '{}' from generate_series(1, 900) g")
+    assert check_volume(conn, "fine", cfg, stream) == {"previous": 1000, "current": 900}
+    with pytest.raises(DataQualityError, match=r"volume dropped from 1000 rows .* to 100 rows"):
+        check_volume(conn, "small", cfg, stream)
+    with conn.cursor() as cur:
+        cur.execute("select success, element_count from sync.dq_result where run_id = 'small'")
+        assert cur.fetchall() == [(False, 100)]
+
+
+@pytest.mark.parametrize("value, fm, expected", [
+    ("1234.50", FieldMap(**{"from": "a", "type": "numeric", "scale": 2}), Decimal("1234.50")),
+    ("1,234.5", FieldMap(**{"from": "a", "type": "numeric", "scale": 2}), Decimal("1234.5")),
+    ("2026-11-20", FieldMap(**{"from": "a", "type": "date"}), datetime(2026, 11, 20).date()),
+    ("2026-11-20T08:00:00Z", FieldMap(**{"from": "a", "type": "timestamptz"}), T0),
+    (" ", FieldMap(**{"from": "a"}), None),
+    ("A", FieldMap(**{"from": "a", "values": {"A": "active"}}), "active"),
+])
+def test_cast_accepts(value, fm, expected):
+    assert cast(value, fm) == expected
+
+
+@pytest.mark.parametrize("value, fm, message", [
+    ("10.005", FieldMap(**{"from": "amount", "type": "numeric", "scale": 2}), "more than 2 decimal places"),
+    (10.5, FieldMap(**{"from": "amount", "type": "numeric"}), "binary float"),
+    (None, FieldMap(**{"from": "order_date", "type": "date", "required": True}), "required field 'order_date'"),
+    ("2026-11-20T08:00:00", FieldMap(**{"from": "t", "type": "timestamptz"}), "no time zone"),
+    ("B", FieldMap(**{"from": "s", "values": {"A": "active"}}), "not one of the mapped values"),
+])
+def test_cast_rejects_with_a_reason(value, fm, message):
+    with pytest.raises(CastError, match=message):
+        cast(value, fm)
