@@ -116,7 +116,22 @@ def ensure_airflow_db(env: dict[str, str]) -> None:
     run = subprocess.run([_airflow_bin(), "db", "migrate"], env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"airflow db migrate failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+    ensure_pools(env)
     marker.write_text("ok\n")
+
+
+def ensure_pools(env: dict[str, str]) -> None:
+    """Create the Airflow pools the source YAMLs name (a task in a missing pool never runs)."""
+    from crm_sync.config import all_source_names
+
+    for name in all_source_names():
+        cfg = load_source(name)
+        if not cfg.pool:
+            continue
+        run = subprocess.run([_airflow_bin(), "pools", "set", cfg.pool, str(cfg.pool_slots),
+                              f"crm-sync: calls against the {cfg.source} source"], env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"airflow pools set {cfg.pool} failed:\n{run.stderr[-2000:]}")
 
 
 def _airflow_bin() -> str:
