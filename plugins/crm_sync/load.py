@@ -38,24 +38,36 @@ class LoadResult:
 
 
 def _load_customers(cur, run_id: str, source: str) -> int:
+    # The run's accepted rows are computed once (one scan of staging, one anti-join with the
+    # quarantine) and read by the three upserts below; sorted by key, so index inserts stay local.
     cur.execute(
         f"""
-        insert into crm.customer (customer_id, first_run_id, last_run_id)
-        select distinct m.customer_id, m.run_id, m.run_id
-        from stg.mapped_customer m where m.run_id = %s and m.source = %s and {ACCEPTED}
-        on conflict (customer_id) do nothing
+        create temp table load_accepted_customer on commit drop as
+        select m.* from stg.mapped_customer m
+        where m.run_id = %s and m.source = %s and {ACCEPTED}
+        order by m.source_pk
         """,
         (run_id, source),
     )
     cur.execute(
-        f"""
+        """
+        insert into crm.customer (customer_id, first_run_id, last_run_id)
+        select distinct m.customer_id, m.run_id, m.run_id
+        from load_accepted_customer m
+        order by m.customer_id
+        on conflict (customer_id) do nothing
+        """
+    )
+    cur.execute(
+        """
         insert into crm.source_customer as t (source, source_id, customer_id, full_name, name_key, phone_raw,
             phone_e164, phone_kind, phone_ext, email, company, city, source_created_at, source_updated_at,
             row_hash, loaded_run_id)
         select m.source, m.source_pk, m.customer_id, m.full_name, m.name_key, m.phone_raw, m.phone_e164,
                m.phone_kind, m.phone_ext, m.email, m.company, m.city, m.source_created_at, m.source_updated_at,
                m.row_hash, m.run_id
-        from stg.mapped_customer m where m.run_id = %s and m.source = %s and {ACCEPTED}
+        from load_accepted_customer m
+        order by m.source_pk
         on conflict (source, source_id) do update set
             customer_id = excluded.customer_id, full_name = excluded.full_name, name_key = excluded.name_key,
             phone_raw = excluded.phone_raw, phone_e164 = excluded.phone_e164, phone_kind = excluded.phone_kind,
@@ -64,88 +76,32 @@ def _load_customers(cur, run_id: str, source: str) -> int:
             source_updated_at = excluded.source_updated_at, row_hash = excluded.row_hash,
             loaded_run_id = excluded.loaded_run_id
         where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
-        """,
-        (run_id, source),
+        """
     )
     cur.execute(
-        f"""
+        """
         insert into crm.customer_link as l (source, source_id, customer_id, match_rule, match_score,
             explanation, linked_run_id)
         select r.source, r.source_pk, r.customer_id, r.match_rule, r.match_score, r.explanation, r.run_id
-        from stg.resolved r join stg.mapped_customer m using (run_id, source, stream, source_pk)
-        where r.run_id = %s and r.source = %s and {ACCEPTED}
+        from stg.resolved r join load_accepted_customer m using (run_id, source, stream, source_pk)
+        order by r.source_pk
         on conflict (source, source_id) do update set
             customer_id = excluded.customer_id, match_rule = excluded.match_rule,
             match_score = excluded.match_score, explanation = excluded.explanation,
             linked_run_id = excluded.linked_run_id, linked_at = now()
         where l.customer_id is distinct from excluded.customer_id
-        """,
-        (run_id, source),
+        """
     )
     _survivorship(cur, run_id, source)
-    cur.execute(f"select count(*) from stg.mapped_customer m where m.run_id = %s and m.source = %s and {ACCEPTED}",
-                (run_id, source))
+    cur.execute("select count(*) from load_accepted_customer")
     return cur.fetchone()[0]
 
 
 def _survivorship(cur, run_id: str, source: str) -> None:
-    """Golden fields of the customers this run touched: highest source priority, then newest.
+    """Golden fields of the customers this run touched, by the rules of `include/survivorship.yaml`."""
+    from crm_sync import survivorship
 
-    Provenance is aggregated as the winning record's (source, source_id) text and turned into
-    JSON once per customer, not once per source record: building a jsonb object for every row
-    and field was most of this statement's time on large runs.
-    """
-    order = "p.priority desc, s.source_updated_at desc nulls last, s.source, s.source_id"
-    phone_order = f"(s.phone_kind = 'mobile') desc, {order}"
-
-    def first(expr: str, present: str, by: str) -> str:
-        return f"(array_agg({expr} order by {by}) filter (where {present} is not null))[1]"
-
-    picks = ",\n".join(
-        f"{first(f's.{f}', f's.{f}', order)} as {f}, "
-        f"{first('s.source', f's.{f}', order)} as {f}__source, "
-        f"{first('s.source_id', f's.{f}', order)} as {f}__source_id"
-        for f in GOLDEN_FIELDS
-    )
-    phone_picks = ",\n".join(
-        f"{first(f's.{col}', 's.phone_e164', phone_order)} as {alias}"
-        for col, alias in [("phone_e164", "phone_e164"), ("phone_kind", "phone_kind"), ("phone_ext", "phone_ext"),
-                           ("source", "phone__source"), ("source_id", "phone__source_id")]
-    )
-
-    def provenance(field: str, rule: str) -> str:
-        return (f"case when b.{field}__source_id is not null then jsonb_build_object("
-                f"'source', b.{field}__source, 'source_id', b.{field}__source_id, 'rule', '{rule}') end")
-
-    cur.execute(
-        f"""
-        with touched as (
-            select distinct customer_id from stg.mapped_customer where run_id = %(run)s and source = %(source)s
-        ), best as (
-            select s.customer_id, {picks},
-              {phone_picks}
-            from crm.source_customer s
-            join touched t using (customer_id)
-            left join sync.source_priority p on p.source = s.source
-            group by s.customer_id
-        )
-        update crm.customer c set
-            full_name = b.full_name, email = b.email, company = b.company, city = b.city,
-            phone_e164 = b.phone_e164, phone_kind = b.phone_kind, phone_ext = b.phone_ext,
-            provenance = jsonb_strip_nulls(jsonb_build_object(
-                'full_name', {provenance('full_name', 'source_priority')},
-                'email', {provenance('email', 'source_priority')},
-                'company', {provenance('company', 'source_priority')},
-                'city', {provenance('city', 'source_priority')},
-                'phone', {provenance('phone', 'mobile_then_priority')})),
-            last_run_id = %(run)s, updated_at = now()
-        from best b
-        where c.customer_id = b.customer_id
-          and (c.full_name, c.email, c.company, c.city, c.phone_e164, c.phone_kind, c.phone_ext)
-              is distinct from (b.full_name, b.email, b.company, b.city, b.phone_e164, b.phone_kind, b.phone_ext)
-        """,
-        {"run": run_id, "source": source},
-    )
+    survivorship.refresh(cur, run_id, source=source)
 
 
 def _reject_orphans(cur, run_id: str, source: str, table: str, stream: str) -> int:
@@ -219,6 +175,8 @@ def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
     try:
         with conn.cursor() as cur:
             cur.execute("select pg_advisory_xact_lock(%s)", (LOAD_LOCK_KEY,))
+            # set-based joins, sorts and aggregates of a whole run: keep them in memory, not on disk
+            cur.execute("set local work_mem = '256MB'")
             cur.execute(
                 """insert into sync.source_priority (source, priority) values (%s, %s)
                    on conflict (source) do update set priority = excluded.priority""",
@@ -227,6 +185,9 @@ def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
             for stream in cfg.streams:
                 quarantine.clear(cur, run_id, cfg.source, stream.name, stage="load")
             customers = _load_customers(cur, run_id, cfg.source)
+            from crm_sync.identity.apply import apply_identity
+
+            apply_identity(cur, run_id, cfg.source)  # review items, merges, splits, match keys
             for stream in cfg.streams:
                 if stream.entity == "order":
                     _reject_orphans(cur, run_id, cfg.source, "stg.mapped_order", stream.name)
