@@ -344,3 +344,114 @@ def test_settings_errors_name_the_file_and_field(mutate, expected):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(SettingsError, match="nope.yaml: match config not found"):
         load_settings(tmp_path / "nope.yaml")
+
+
+# ------------------------------------------------------------------ qualifiers: place and extension
+
+def test_same_trade_name_in_two_named_cities_is_not_company_evidence(settings):
+    res = resolve(frame(
+        ("k1", "刘平", None, "ping.liu@dongfang-consulting.com.cn", "南京东方咨询有限公司", None),
+        ("k2", "刘平", "(023)87345511 ext 283", None, "重慶東方諮詢有限公司", "重庆"),
+        ("k3", "刘平", None, None, "东方咨询（南京）有限公司", None),
+    ), settings)
+    levels = {(res.record_ids[i], res.record_ids[j]): res.scores.explain(k)["fields"]["company"]
+              for k, (i, j) in enumerate(zip(res.scores.i, res.scores.j))}
+    assert levels[("k1", "k2")]["level"] == "other_place" and levels[("k1", "k2")]["weight"] <= 0
+    assert levels[("k1", "k3")]["level"] == "same_place" and levels[("k1", "k3")]["weight"] > 5
+    c = cluster_of(res)
+    assert c["k1"] != c["k2"]
+
+
+def test_switchboard_extension_tells_a_desk_from_a_colleague(settings):
+    res = resolve(frame(
+        ("d1", "王先生", "021-52173395-299", None, None, None),
+        ("d2", "王伟", "(021)5217 3395转299", None, None, None),
+        ("d3", "王磊", "021-52173395 ext 301", None, None, None),
+    ), settings)
+    ex = {(res.record_ids[i], res.record_ids[j]): res.scores.explain(k)["fields"]["landline"]
+          for k, (i, j) in enumerate(zip(res.scores.i, res.scores.j))}
+    assert ex[("d1", "d2")]["level"] == "desk"
+    assert ex[("d1", "d3")]["level"] == "other_extension" and ex[("d1", "d3")]["weight"] <= 0
+    assert ex[("d1", "d2")]["weight"] > ex[("d1", "d3")]["weight"] + 10
+
+
+def test_estimated_disagreement_levels_never_count_for_a_match(settings):
+    from crm_sync.identity import scoring
+
+    params = scoring.Params.from_settings(settings)
+    landline = settings.field("landline")
+    k = landline.level_names.index("other_extension")
+    params.m["landline"] = np.array([0.2, 0.3, 0.45, 0.05])
+    params.u["landline"] = np.array([1e-5, 1e-4, 5e-4, 0.9994])
+    capped = scoring.cap_disagreements(params, settings)
+    assert capped.m["landline"][k] == pytest.approx(1e-4)
+    assert capped.m["landline"].sum() == pytest.approx(1.0)
+    # the excess goes to the other levels in proportion: desk still weighs more than exact
+    assert capped.m["landline"][0] / capped.m["landline"][2] == pytest.approx(0.2 / 0.45)
+
+
+# ------------------------------------------------------------------ scale: same results, fewer bytes
+
+def test_fast_clustering_matches_best_first_union_find_on_random_graphs():
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        n = 60
+        m = 90
+        ei, ej = rng.integers(0, n, m), rng.integers(0, n, m)
+        keep = ei != ej
+        ei, ej = np.minimum(ei, ej)[keep], np.maximum(ei, ej)[keep]
+        p = rng.choice([0.991, 0.995, 0.999], len(ei))
+        strong = [np.where(rng.random(n) < 0.5, rng.integers(0, 4, n), -1) for _ in range(2)]
+        initial = np.where(rng.random(n) < 0.2, rng.integers(0, 3, n), -1)
+        existing = [f"C{g}" if g >= 0 else None for g in initial]
+        cannot = [(int(a), int(b)) for a, b in rng.integers(0, n, (2, 2)) if a != b]
+        fast = clustering.cluster(n, ei, ej, p, strong, ["a", "b"], cannot_link=cannot,
+                                  initial=initial, existing=existing)
+        slow = clustering._cluster_best_first(n, ei, ej, p, strong, ["a", "b"], cannot_link=cannot,
+                                              initial=initial, existing=existing)
+        same = pd.crosstab(fast.root, slow.root)
+        assert ((same > 0).sum(axis=1) == 1).all() and ((same > 0).sum(axis=0) == 1).all(), trial
+        assert sorted(fast.refused) == sorted(slow.refused)
+        assert sorted((sorted(a), sorted(b)) for a, b, _ in fast.joins) == \
+            sorted((sorted(a), sorted(b)) for a, b, _ in slow.joins)
+
+
+def test_candidate_pairs_match_a_brute_force_reference_and_keep_the_first_rule(settings):
+    df = evalset.generate(120, seed=8)
+    enc = features.encode(features.build(df, settings), settings)
+    got = blocking.candidate_pairs(enc, settings)
+    expected: dict[tuple[int, int], int] = {}
+    for r, rule in enumerate(settings.blocking):
+        key = blocking._key_codes(enc, rule)
+        cap = rule.max_block_size or settings.max_block_size
+        sizes = pd.Series(key[key >= 0]).value_counts()
+        for a in range(len(df)):
+            for b in range(a + 1, len(df)):
+                if key[a] >= 0 and key[a] == key[b] and sizes[key[a]] <= cap:
+                    expected.setdefault((a, b), r)
+    assert dict(zip(zip(got.i.tolist(), got.j.tolist()), got.rule.tolist())) == expected
+
+
+def test_encode_reads_several_frames_as_one_and_only_used_attributes(settings):
+    df = evalset.generate(50, seed=2)
+    feats = features.build(df, settings)
+    whole = features.encode(feats, settings)
+    split = features.encode([feats.iloc[:20], feats.iloc[20:]], settings)
+    assert whole.n == split.n == len(df)
+    for col, codes in whole.codes.items():
+        np.testing.assert_array_equal(whole.uniques[col][codes], split.uniques[col][split.codes[col]])
+    assert "company.pinyin" in whole.codes and "landline.desk" in whole.codes
+    assert "email.domain" not in whole.codes  # no level or key reads it
+
+
+def test_batch_explanations_equal_single_ones(settings):
+    df = evalset.generate(60, seed=6).drop(columns=["person_id"])
+    res = engine.resolve(df, settings, estimate=False)
+    rows = np.arange(min(25, len(res.scores)))
+    many = res.scores.explain_many(rows)
+    assert many == [res.scores.explain(int(k)) for k in rows]
+    for k, ex in zip(rows, many):
+        counted = sum(v["weight"] for v in ex["fields"].values() if v.get("counted", True))
+        assert counted + ex["prior_weight"] == pytest.approx(ex["match_weight"], abs=0.02)
+        assert res.scores.weights[k].sum() == pytest.approx(
+            sum(v["weight"] for v in ex["fields"].values()), abs=0.02)

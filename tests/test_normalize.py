@@ -75,6 +75,42 @@ def test_landline_and_extension(raw, extension):
     assert (phone.e164, phone.kind, phone.extension) == (BEIJING_LINE, "landline", extension)
 
 
+@pytest.mark.parametrize(("raw", "e164", "extension"), [
+    ("021-52173395-299", "+862152173395", "299"),
+    ("02152173395-299", "+862152173395", "299"),
+    ("(021)52173395-299", "+862152173395", "299"),
+    ("021-5217-3395-299", "+862152173395", "299"),
+    ("+86-21-52173395-299", "+862152173395", "299"),
+    ("0086 21 52173395 - 299", "+862152173395", "299"),
+    ("０２１－５２１７３３９５－２９９", "+862152173395", "299"),    # full-width
+    ("021–52173395–299", "+862152173395", "299"),                  # en dashes
+    ("0755-86013388-8001", "+8675586013388", "8001"),
+    ("0913-2123456-12", "+869132123456", "12"),                    # 7-digit local number
+])
+def test_landline_with_dash_separated_extension(raw, e164, extension):
+    phone = normalize_phone(raw)
+    assert (phone.e164, phone.kind, phone.region, phone.extension) == (e164, "landline", "CN", extension)
+
+
+@pytest.mark.parametrize(("raw", "city"), [
+    ("52173395-299", "上海"),        # no area code: which digits are the number would be a guess
+    ("52173395-299", None),
+    ("021-5217339-299", None),      # Shanghai numbers have 8 digits: the main number is incomplete
+    ("010-8765432-12", None),
+    ("138-0013-8000-12", None),     # mobiles have no extensions
+    ("13800138000-12", None),
+    ("021-52173395-1234567", None),  # seven trailing digits are not an extension
+    ("0571-8888-88888", None),      # a mistyped number, not a number plus extension
+])
+def test_dash_suffix_is_never_guessed_into_an_extension(raw, city):
+    phone = normalize_phone(raw, city=city)
+    assert (phone.e164, phone.kind, phone.extension) == (None, "invalid", None)
+
+
+def test_dash_extension_landline_meets_its_plain_form_in_the_engine_features():
+    assert normalize_phone("021-52173395-299").e164 == normalize_phone("(021) 5217 3395").e164
+
+
 @pytest.mark.parametrize(("city", "e164"), [
     ("北京", "+861087654321"),
     ("Beijing", "+861087654321"),

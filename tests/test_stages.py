@@ -127,3 +127,17 @@ def test_cast_accepts(value, fm, expected):
 def test_cast_rejects_with_a_reason(value, fm, message):
     with pytest.raises(CastError, match=message):
         cast(value, fm)
+
+
+def test_run_log_keeps_a_sibling_failure_and_clears_its_own_on_retry(conn):
+    from crm_sync import runlog
+
+    with conn.cursor() as cur:
+        runlog.start(cur, "r1", "erp", "crm_sync__erp", None, None, task_id="extract.customers")
+        runlog.update(cur, "r1", "erp", state="failed", failed_task="extract.customers", error="SchemaDriftError: x")
+        runlog.start(cur, "r1", "erp", "crm_sync__erp", None, None, task_id="extract.orders")
+        cur.execute("select state, failed_task, error from sync.run_log where run_id = 'r1'")
+        assert cur.fetchone() == ("failed", "extract.customers", "SchemaDriftError: x")
+        runlog.start(cur, "r1", "erp", "crm_sync__erp", None, None, task_id="extract.customers")
+        cur.execute("select state, failed_task, error from sync.run_log where run_id = 'r1'")
+        assert cur.fetchone() == ("running", None, None)

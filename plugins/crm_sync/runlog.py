@@ -14,15 +14,21 @@ FIELDS = COUNTERS | {"state", "interval_start", "interval_end", "extract_since",
 
 
 def start(cur, run_id: str, source: str, dag_id: str, interval_start: datetime | None,
-          interval_end: datetime | None) -> None:
+          interval_end: datetime | None, task_id: str | None = None) -> None:
+    """Open (or reopen) the run's row. A retry of the task that failed clears its failure; a sibling
+    task starting after another one failed leaves that failure standing."""
     cur.execute(
         """
-        insert into sync.run_log (run_id, source, dag_id, interval_start, interval_end)
-        values (%s, %s, %s, %s, %s)
+        insert into sync.run_log as l (run_id, source, dag_id, interval_start, interval_end)
+        values (%(run)s, %(source)s, %(dag)s, %(start)s, %(end)s)
         on conflict (run_id, source) do update
-            set state = 'running', failed_task = null, error = null, finished_at = null
+            set state = case when l.failed_task is null or l.failed_task = %(task)s then 'running' else l.state end,
+                error = case when l.failed_task is null or l.failed_task = %(task)s then null else l.error end,
+                finished_at = case when l.failed_task is null or l.failed_task = %(task)s then null else l.finished_at end,
+                failed_task = case when l.failed_task = %(task)s then null else l.failed_task end
         """,
-        (run_id, source, dag_id, interval_start, interval_end),
+        {"run": run_id, "source": source, "dag": dag_id, "start": interval_start, "end": interval_end,
+         "task": task_id},
     )
 
 

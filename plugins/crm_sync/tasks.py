@@ -54,7 +54,7 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
     with _stage(cfg, context, "extract") as conn:
         with conn.cursor() as cur:
             runlog.start(cur, run_id, source, cfg.dag_id, context.get("data_interval_start"),
-                         context.get("data_interval_end"))
+                         context.get("data_interval_end"), task_id=f"extract.{stream_name}")
         conn.commit()  # the run is visible (and its row unlocked) while the extract pages through the source
         window = watermark.extract_window(conn, cfg, stream.name, context["data_interval_end"])
         log.info("extracting %s.%s for %s: since=%s until=%s", source, stream.name, run_id, window.since, window.until)
@@ -132,6 +132,14 @@ def map_stream(source: str, stream_name: str, context: dict) -> dict:
     cfg = load_source(source)
     with _stage(cfg, context, "map") as conn:
         result = mapping.map_stream(conn, context["run_id"], cfg, cfg.stream(stream_name))
+        with conn.cursor() as cur:
+            cur.execute(
+                """update sync.run_log set rows_mapped =
+                     (select count(*) from stg.mapped_customer where run_id = %(r)s and source = %(s)s)
+                   + (select count(*) from stg.mapped_order where run_id = %(r)s and source = %(s)s)
+                   + (select count(*) from stg.mapped_ticket where run_id = %(r)s and source = %(s)s)
+                   where run_id = %(r)s and source = %(s)s""",
+                {"r": context["run_id"], "s": source})
     return {"mapped": result.mapped, "rejected": result.rejected}
 
 

@@ -71,15 +71,24 @@ def _pairs_in_blocks(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -
         return np.empty(0, np.int64), np.empty(0, np.int64)
     # position p in a block of size s at rank r pairs with the s-1-r positions after it
     rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    run_sizes = np.repeat(sizes, sizes)
     pos = np.repeat(starts, sizes) + rank
-    count = run_sizes - 1 - rank
+    count = np.repeat(sizes, sizes) - 1 - rank
+    del rank
     total = int(count.sum())
     left = np.repeat(pos, count)
-    offset = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-    right = left + 1 + offset
-    a, b = order[left], order[right]
-    return np.minimum(a, b), np.maximum(a, b)
+    # right = left + 1 + offset within the run, built in place: these arrays are the largest of
+    # a big run, one element per candidate pair
+    right = np.arange(total, dtype=np.int64)
+    right -= np.repeat(np.cumsum(count) - count, count)
+    right += left
+    right += 1
+    a = order[left]
+    del left
+    b = order[right]
+    del right
+    lo = np.minimum(a, b)
+    np.maximum(a, b, out=b)
+    return lo, b
 
 
 def rule_pairs(enc: Encoded, rule: BlockingRule, cap: int,
@@ -104,14 +113,15 @@ def rule_pairs(enc: Encoded, rule: BlockingRule, cap: int,
     i, j = _pairs_in_blocks(order, starts[keep], sizes[keep])
     if is_master is not None:
         fresh = ~(is_master[i] & is_master[j])
-        i, j = i[fresh], j[fresh]
+        if not fresh.all():
+            i, j = i[fresh], j[fresh]
     return i, j, int(oversized.sum()), int(sizes[oversized].sum())
 
 
 def candidate_pairs(enc: Encoded, settings: Settings, is_master: np.ndarray | None = None) -> Blocking:
     n = enc.n
-    all_keys: list[np.ndarray] = []
-    all_rules: list[np.ndarray] = []
+    n_rules = len(settings.blocking)
+    tagged: list[np.ndarray] = []
     result = Blocking(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int16),
                       [r.name for r in settings.blocking])
     for r, rule in enumerate(settings.blocking):
@@ -120,14 +130,28 @@ def candidate_pairs(enc: Encoded, settings: Settings, is_master: np.ndarray | No
         result.pairs_per_rule[rule.name] = len(i)
         result.skipped_blocks[rule.name] = skipped
         result.skipped_records[rule.name] = skipped_records
-        all_keys.append(i * n + j)
-        all_rules.append(np.full(len(i), r, np.int16))
-    if not all_keys:
+        # (pair, rule) in one int64: sorting puts a pair's first rule first, without an argsort
+        key = i
+        key *= n
+        key += j
+        del j
+        key *= n_rules
+        key += r
+        tagged.append(key)
+    if not tagged:
         return result
-    keys = np.concatenate(all_keys)
-    rules = np.concatenate(all_rules)
-    unique, first = np.unique(keys, return_index=True)
-    result.i, result.j, result.rule = unique // n, unique % n, rules[first]
+    keys = np.concatenate(tagged) if len(tagged) > 1 else tagged[0]
+    del tagged
+    keys.sort()
+    pair = keys // n_rules
+    first = np.empty(len(pair), dtype=bool)
+    if len(pair):
+        first[0] = True
+        np.not_equal(pair[1:], pair[:-1], out=first[1:])
+    result.rule = (keys[first] % n_rules).astype(np.int16)
+    del keys
+    pair = pair[first]
+    result.i, result.j = pair // n, pair % n
     return result
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
 
 
 @dataclass
@@ -96,12 +97,106 @@ class _Forest:
 def cluster(n: int, edge_i: np.ndarray, edge_j: np.ndarray, edge_p: np.ndarray,
             strong: list[np.ndarray], strong_names: list[str], *,
             must_link: Iterable[tuple[int, int]] = (), cannot_link: Iterable[tuple[int, int]] = (),
-            initial: np.ndarray | None = None, existing: list[str | None] | None = None) -> ClusterResult:
+            initial: np.ndarray | None = None, existing: list[str | None] | np.ndarray | None = None
+            ) -> ClusterResult:
     """Cluster n records. `strong[f][r]` is record r's strong value code for field f (-1: none).
 
     `initial[r]` is a group code (-1: none) for records that start joined; `existing[r]` is the
     record's existing cluster id (master rows) or None.
+
+    Most components of the merge graph cannot chain at all: every strong field has at most one
+    value in the whole component, no cannot-link pair lies inside it and at most one existing
+    cluster id. Such components are found with vectorised connected components and taken as
+    they are — best-first union-find would accept every one of their edges. Only the rest goes
+    through the best-first union-find, component by component, which gives the same result as
+    running it on the whole graph (components do not interact).
     """
+    edge_i = np.asarray(edge_i, dtype=np.int64)
+    edge_j = np.asarray(edge_j, dtype=np.int64)
+    edge_p = np.asarray(edge_p, dtype=np.float64)
+    must_link, cannot_link = list(must_link), list(cannot_link)
+    existing_arr = None if existing is None else np.asarray(existing, dtype=object)
+    comp = _components(n, edge_i, edge_j, must_link, initial)
+    careful = np.zeros(comp.max() + 1 if n else 0, dtype=bool)
+    # only components of two or more records can hold two values
+    shared = np.flatnonzero(np.bincount(comp, minlength=len(careful))[comp] > 1)
+    for codes in strong:
+        careful |= _more_than_one(comp[shared], codes[shared], len(careful))
+    if existing_arr is not None and len(shared):
+        ids, _ = pd.factorize(pd.Series(existing_arr[shared], dtype=object), use_na_sentinel=True)
+        careful |= _more_than_one(comp[shared], ids, len(careful))
+    for a, b in cannot_link:
+        if comp[a] == comp[b]:
+            careful[comp[a]] = True
+    # the representative of a component is its smallest position
+    first = np.full(len(careful), n, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(n, dtype=np.int64))
+    root = first[comp]
+    result = ClusterResult(root=root)
+    if not careful.any():
+        return result
+    members = np.flatnonzero(careful[comp])
+    local = np.full(n, -1, dtype=np.int64)
+    local[members] = np.arange(len(members))
+    inside = (local[edge_i] >= 0)  # an edge lies in one component: both ends are careful or neither
+    edges = np.flatnonzero(inside)
+    sub = _cluster_best_first(
+        len(members), local[edge_i[edges]], local[edge_j[edges]], edge_p[edges],
+        [codes[members] for codes in strong], strong_names,
+        must_link=[(local[a], local[b]) for a, b in must_link if local[a] >= 0],
+        cannot_link=[(local[a], local[b]) for a, b in cannot_link if local[a] >= 0 and local[b] >= 0],
+        initial=None if initial is None else initial[members],
+        existing=None if existing_arr is None else list(existing_arr[members]))
+    root[members] = members[sub.root]
+    result.refused = [(int(edges[e]), reason) for e, reason in sub.refused]
+    result.joins = [(a, b, int(edges[e]) if e >= 0 else -1) for a, b, e in sub.joins]
+    result.must_link_conflicts = sub.must_link_conflicts
+    return result
+
+
+def _components(n: int, edge_i: np.ndarray, edge_j: np.ndarray, must_link: list[tuple[int, int]],
+                initial: np.ndarray | None) -> np.ndarray:
+    """Connected component label per record over merge edges, must-links and initial groups."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows, cols = [edge_i], [edge_j]
+    if must_link:
+        ml = np.asarray(must_link, dtype=np.int64)
+        rows.append(ml[:, 0])
+        cols.append(ml[:, 1])
+    if initial is not None and len(initial):
+        grouped = np.flatnonzero(initial >= 0)
+        order = grouped[np.argsort(initial[grouped], kind="stable")]
+        codes = initial[order]
+        same = codes[1:] == codes[:-1]
+        rows.append(order[:-1][same])
+        cols.append(order[1:][same])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64, copy=False)
+
+
+def _more_than_one(comp: np.ndarray, codes: np.ndarray, n_components: int) -> np.ndarray:
+    """Per component: does it hold two or more distinct values (code >= 0)?"""
+    has = codes >= 0
+    if not has.any():
+        return np.zeros(n_components, dtype=bool)
+    values = codes[has].astype(np.int64)
+    width = int(values.max()) + 1
+    keys = comp[has] * width + values
+    keys.sort()
+    distinct = keys[np.r_[True, keys[1:] != keys[:-1]]] // width
+    return np.bincount(distinct, minlength=n_components) > 1
+
+
+def _cluster_best_first(n: int, edge_i: np.ndarray, edge_j: np.ndarray, edge_p: np.ndarray,
+                        strong: list[np.ndarray], strong_names: list[str], *,
+                        must_link: Iterable[tuple[int, int]] = (), cannot_link: Iterable[tuple[int, int]] = (),
+                        initial: np.ndarray | None = None, existing: list[str | None] | None = None
+                        ) -> ClusterResult:
+    """Best-first union-find that refuses unsafe unions (the module docstring's guarantees)."""
     forest = _Forest(n, strong, existing)
     result = ClusterResult(root=np.empty(0, np.int64))
     if initial is not None and len(initial):

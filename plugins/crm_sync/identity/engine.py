@@ -40,10 +40,7 @@ ASSIGNMENT_COLUMNS = ["record_id", "cluster_id", "decision", "probability", "exp
 REVIEW_COLUMNS = ["record_a", "record_b", "probability", "reason", "explanation"]
 MERGE_COLUMNS = ["survivor", "absorbed", "record_a", "record_b", "probability", "explanation"]
 
-# Strong identity values per normaliser (see clustering): the attribute whose distinct values
-# mean distinct people. Weak kinds (landline, role mailbox, surname-only) have none.
-_STRONG_ATTRIBUTE = {"person_name": "pinyin", "phone": "mobile", "email": "personal",
-                     "company": "value", "text": "value", "exact": "value"}
+_STRONG_ATTRIBUTE = features.STRONG_ATTRIBUTE
 
 
 @dataclass
@@ -85,7 +82,7 @@ def _positions(pairs: Iterable[tuple[Any, Any]], index: Mapping[str, int]) -> tu
 
 
 def _explain_many(scores: scoring.Scores, rows: np.ndarray) -> list[dict[str, Any]]:
-    return [scores.explain(int(k)) for k in rows]
+    return scores.explain_many(rows)
 
 
 def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame | None = None, *,
@@ -186,8 +183,14 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
 
     # ---- steward decisions and clustering
     t = time.perf_counter()
-    index = pd.Series(np.arange(n), index=record_ids)
-    index = index[~index.index.duplicated(keep="first")].to_dict()
+    must_link, cannot_link = list(must_link), list(cannot_link)
+    index: Mapping[str, int] = {}
+    if must_link or cannot_link:
+        wanted = pd.Index({str(x) for pair in must_link + cannot_link for x in pair})
+        found = np.flatnonzero(pd.Index(record_ids).isin(wanted))
+        index = {}
+        for pos in found.tolist():
+            index.setdefault(record_ids[pos], pos)
     must, must_unknown = _positions(must_link, index)
     cannot, cannot_unknown = _positions(cannot_link, index)
     prob = scores.probability
@@ -232,24 +235,31 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
     cluster_ids, merges = _name_clusters(root, record_ids, existing_ids, result, blocks, edges, scores, n_batch)
 
     # best pair per batch record: inside its cluster, else its best review pair, else any pair
-    both = np.concatenate([blocks.i, blocks.j])
-    other = np.concatenate([blocks.j, blocks.i])
-    p2 = np.concatenate([prob, prob])
-    rows2 = np.concatenate([np.arange(len(prob))] * 2)
-    same = root[both] == root[other]
     in_review = np.zeros(len(prob), dtype=bool)
     in_review[all_review] = True
-    rank = np.where(same, 2, np.where(np.concatenate([in_review, in_review]), 1, 0))
-    batch_side = both < n_batch
-    order = np.lexsort((-p2[batch_side], -rank[batch_side], both[batch_side]))
-    rec = both[batch_side][order]
-    first = np.r_[True, rec[1:] != rec[:-1]] if len(rec) else np.zeros(0, dtype=bool)
-    best_row = np.full(n_batch, -1, dtype=np.int64)
+    rank = np.where(root[blocks.i] == root[blocks.j], 2, np.where(in_review, 1, 0))
+    # rank dominates (2 * rank > any probability), then probability; ties: the first pair row
+    score = 2.0 * rank + prob
+    best_score = np.full(n_batch, -np.inf)
+    best_row = np.full(n_batch, np.iinfo(np.int64).max, dtype=np.int64)
+    pair_rows = np.arange(len(prob), dtype=np.int64)
+    for side in (blocks.i, blocks.j):
+        on_batch = side < n_batch
+        np.maximum.at(best_score, side[on_batch], score[on_batch])
+    for side in (blocks.i, blocks.j):
+        on_batch = side < n_batch
+        rec, rows = side[on_batch], pair_rows[on_batch]
+        hit = score[on_batch] == best_score[rec]
+        np.minimum.at(best_row, rec[hit], rows[hit])
+    best_row[best_row == np.iinfo(np.int64).max] = -1
+    has_pair = best_row >= 0
     best_rank = np.full(n_batch, -1, dtype=np.int64)
+    best_rank[has_pair] = rank[best_row[has_pair]]
     best_other = np.full(n_batch, -1, dtype=np.int64)
-    best_row[rec[first]] = rows2[batch_side][order][first]
-    best_rank[rec[first]] = rank[batch_side][order][first]
-    best_other[rec[first]] = other[batch_side][order][first]
+    own = np.arange(n_batch)[has_pair]
+    pi, pj = blocks.i[best_row[has_pair]], blocks.j[best_row[has_pair]]
+    best_other[has_pair] = np.where(pi == own, pj, pi)
+    del score, rank, pair_rows
 
     sizes = np.bincount(root, minlength=n)
     multi = sizes[root[:n_batch]] > 1
@@ -258,22 +268,20 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
     reviewed[blocks.j[all_review]] = True
     decision = np.where(multi, "merged", np.where(reviewed[:n_batch], "review", "new"))
     probability = np.zeros(n_batch)
-    has_pair = best_row >= 0
     probability[has_pair] = prob[best_row[has_pair]]
     # merged only through a steward's must-link: certain by decision, not by score
     must_only = multi & (best_rank < 2)
     probability = np.where(must_only, 1.0, probability)
     explanations: list[Any] = [None] * n_batch
     if explain:
-        for r in range(n_batch):
-            if must_only[r]:
-                explanations[r] = {"rule": "must_link", "fields": {}}
-            elif best_row[r] >= 0:
-                ex = scores.explain(int(best_row[r]))
-                ex["matched_record"] = record_ids[best_other[r]]
-                explanations[r] = ex
-            else:
-                explanations[r] = {"rule": "no candidate pair", "fields": {}}
+        scored = np.flatnonzero(~must_only & has_pair)
+        for r, ex in zip(scored.tolist(), scores.explain_many(best_row[scored])):
+            ex["matched_record"] = record_ids[best_other[r]]
+            explanations[r] = ex
+        for r in np.flatnonzero(must_only).tolist():
+            explanations[r] = {"rule": "must_link", "fields": {}}
+        for r in np.flatnonzero(~must_only & ~has_pair).tolist():
+            explanations[r] = {"rule": "no candidate pair", "fields": {}}
     assignments = pd.DataFrame({
         "record_id": record_ids[:n_batch],
         "cluster_id": cluster_ids[:n_batch],

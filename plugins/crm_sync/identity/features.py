@@ -54,9 +54,9 @@ def _raw_values(df: pd.DataFrame, spec: FieldSpec) -> pd.Series:
 
 _OUTPUTS: dict[str, tuple[str, ...]] = {
     "person_name": ("present", "weak", "value", "full", "pinyin", "surname"),
-    "phone": ("present", "strong_kind", "value", "mobile", "landline", "extension"),
+    "phone": ("present", "strong_kind", "value", "mobile", "landline", "extension", "desk"),
     "email": ("present", "strong_kind", "value", "personal", "role", "domain"),
-    "company": ("present", "value", "pinyin"),
+    "company": ("present", "value", "pinyin", "place", "located"),
     "text": ("present", "value"),
     "exact": ("present", "value"),
 }
@@ -87,10 +87,12 @@ def _phone(raw: str, city: str | None = None) -> tuple:
 
     p = normalize_phone(raw, city)
     if not p.e164:
-        return (False, False, None, None, None, None)
+        return (False, False, None, None, None, None, None)
     mobile = p.kind == "mobile"
-    return (True, mobile, p.e164, p.e164 if mobile else None, p.e164 if p.kind == "landline" else None,
-            p.extension)
+    landline = p.e164 if p.kind == "landline" else None
+    # a switchboard plus an extension is one desk: near-personal evidence a bare switchboard is not
+    desk = f"{landline};ext={p.extension}" if landline and p.extension else None
+    return (True, mobile, p.e164, p.e164 if mobile else None, landline, p.extension, desk)
 
 
 def _email(raw: str) -> tuple:
@@ -109,8 +111,10 @@ def _company(raw: str) -> tuple:
 
     c = normalize_company(raw)
     if not c.key:
-        return (False, None, None)
-    return (True, c.key, c.pinyin or None)
+        return (False, None, None, None, None)
+    # The key drops the city ('北京华信科技' -> '华信科技') so that spellings meet; `located` keeps
+    # it when the name states one, because the same trade name in two cities is often two firms.
+    return (True, c.key, c.pinyin or None, c.city, f"{c.key}@{c.city}" if c.city else None)
 
 
 def _text(raw: str) -> tuple:
@@ -238,17 +242,55 @@ class Encoded:
         return self.uniques[column][codes].tolist()
 
 
-def encode(features: pd.DataFrame, settings: Settings) -> Encoded:
+def used_attributes(settings: Settings) -> set[str]:
+    """The "field.attr" columns some level, blocking key or the clustering reads."""
+    used: set[str] = set()
+    for spec in settings.fields:
+        used.add(f"{spec.name}.value")
+        if spec.strong:
+            used.add(f"{spec.name}.{STRONG_ATTRIBUTE[spec.normaliser]}")
+        for level in spec.levels:
+            used.add(f"{spec.name}.{spec.attribute_of(level)}")
+            used.update(f"{spec.name}.{a}" for a in _LEVEL_READS.get(level.when, ()))
+    for rule in settings.blocking:
+        used.update(part.column for part in rule.keys)
+    return used
+
+
+# Attributes a predicate reads besides its compared attribute.
+_LEVEL_READS = {"surname_only": ("surname",), "other_place": ("place",), "other_extension": ("extension",)}
+# Strong identity values per normaliser (see clustering): the attribute whose distinct values
+# mean distinct people. Weak kinds (landline, role mailbox, surname-only) have none.
+STRONG_ATTRIBUTE = {"person_name": "pinyin", "phone": "mobile", "email": "personal",
+                    "company": "value", "text": "value", "exact": "value"}
+
+
+def encode(features: pd.DataFrame | list[pd.DataFrame], settings: Settings) -> Encoded:
+    """Integer codes for the attributes the settings use. `features` may be several frames
+    (a batch and a master), encoded as if concatenated, without building the concatenation."""
+    frames = features if isinstance(features, list) else [features]
+    used = used_attributes(settings)
     codes: dict[str, np.ndarray] = {}
     uniques: dict[str, np.ndarray] = {}
     flags: dict[str, np.ndarray] = {}
+
+    def column(col: str, dtype: Any = None) -> np.ndarray:
+        parts = [f[col].to_numpy(dtype=dtype) for f in frames]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     for spec in settings.fields:
         for attr in ("present", "weak", "strong_kind"):
             col = f"{spec.name}.{attr}"
-            flags[col] = features[col].to_numpy(dtype=bool)
+            flags[col] = column(col, bool)
         for attr in ATTRIBUTES[spec.normaliser]:
             col = f"{spec.name}.{attr}"
-            c, u = pd.factorize(features[col], use_na_sentinel=True)
+            if col not in used:
+                continue
+            if attr == spec.use:
+                # a `use` field's value *is* that attribute: same column, same codes
+                codes[col], uniques[col] = codes[f"{spec.name}.value"], uniques[f"{spec.name}.value"]
+                continue
+            c, u = pd.factorize(column(col, object), use_na_sentinel=True)
             codes[col] = c.astype(np.int32, copy=False)
             uniques[col] = np.asarray(u, dtype=object)
-    return Encoded(len(features), codes, uniques, flags)
+    return Encoded(sum(len(f) for f in frames), codes, uniques, flags)

@@ -259,6 +259,11 @@ _RE_EXTENSION = re.compile(
     r"\s*\(?\s*(?:转|轉|分机号?|分機號?|内线|內線|ext\.?|extension|x|#)\s*[:.]?\s*(\d{1,7})\s*\)?\s*$",
     re.IGNORECASE,
 )
+# '021-52173395-299': an extension written after a dash. Only tried when the whole text is not
+# a valid number, and only kept when what precedes the dash is a complete, valid landline.
+_RE_DASH_EXTENSION = re.compile(r"\s*[-‐‑‒–—]\s*(\d{1,6})\s*$")
+# A complete landline names its area code: a trunk 0 (021 ...) or a country code (+86, 0086).
+_RE_HAS_AREA_CODE = re.compile(r"^\s*(?:\+|\(\s*\+|\(?\s*0)")
 _RE_PHONE_SPLIT = re.compile(r"[/;,、|\n\r]|或")
 _RE_LOCAL_ONLY = re.compile(r"[2-9]\d{6,7}")
 _RE_CN_MOBILE = re.compile(r"1[3-9]\d{9}")
@@ -291,6 +296,22 @@ def _kind(number: phonenumbers.PhoneNumber) -> str:
     return "other"
 
 
+def _dash_extension(text: str, default_region: str) -> tuple[phonenumbers.PhoneNumber | None, str | None, str]:
+    """(number, extension, text) for 'AREA-NUMBER-EXT'; (None, None, text) unless the part before
+    the last dash is a complete, valid landline with its area code. A bare local number or a
+    mobile followed by '-299' is not split: which digits belong where would be a guess."""
+    found = _RE_DASH_EXTENSION.search(text)
+    if not found or found.start() == 0:
+        return None, None, text
+    main = text[: found.start()]
+    if not _RE_HAS_AREA_CODE.match(main):
+        return None, None, text
+    number = _parse(main, default_region)
+    if number is None or _kind(number) != "landline":
+        return None, None, text
+    return number, found.group(1), main
+
+
 def _one_phone(raw: str, city: str | None, default_region: str) -> Phone:
     text = raw
     if _is_blank(text):
@@ -300,6 +321,8 @@ def _one_phone(raw: str, city: str | None, default_region: str) -> Phone:
     if found and found.start() > 0:
         extension, text = found.group(1), text[: found.start()]
     number = _parse(text, default_region)
+    if number is None and extension is None:
+        number, extension, text = _dash_extension(text, default_region)
     if number is None and city and "+" not in text:
         digits = "".join(ch for ch in text if ch.isdigit())
         # Only a bare local number (7-8 digits, no trunk 0, not a mobile) may borrow the area code.

@@ -55,8 +55,9 @@ class Params:
             m[spec.name] = _normalised(np.array(mm, dtype=float))
             u[spec.name] = _normalised(np.array(uu, dtype=float))
         prior = settings.prior if settings.prior is not None else 1e-4
-        return cls(prior, m, u, {"m": "config", "u": "config",
-                                 "prior": "config" if settings.prior is not None else "default"})
+        return cap_disagreements(cls(prior, m, u, {"m": "config", "u": "config",
+                                                   "prior": "config" if settings.prior is not None else "default"}),
+                                 settings)
 
     def to_dict(self, settings: Settings) -> dict[str, Any]:
         """Plain data (for YAML/JSON), keyed by field and level name."""
@@ -82,7 +83,7 @@ class Params:
                     base.u[spec.name][k] = levels[name]["u"]
         base.prior = float(doc.get("prior", base.prior))
         base.origin = {"m": "supplied", "u": "supplied", "prior": "supplied"}
-        return base
+        return cap_disagreements(base, settings)
 
     def weight_table(self, name: str) -> np.ndarray:
         """log2(m/u) per level, with a trailing 0 so that level -1 (missing) indexes to 0."""
@@ -162,6 +163,13 @@ def field_levels(enc: Encoded, spec: FieldSpec, i: np.ndarray, j: np.ndarray,
             surname = enc.codes[f"{spec.name}.surname"]
             sa = surname[a]
             hit = (weak[a] | weak[b]) & (sa >= 0) & (sa == surname[b])
+        elif level.when in ("other_place", "other_extension"):
+            # the same value, told apart by a qualifier both records state: the same trade name
+            # in two named cities, the same switchboard with two extensions (two colleagues)
+            key = enc.codes[f"{spec.name}.value"]
+            qualifier = enc.codes[f"{spec.name}.{'place' if level.when == 'other_place' else 'extension'}"]
+            qa, qb = qualifier[a], qualifier[b]
+            hit = (key[a] >= 0) & (key[a] == key[b]) & (qa >= 0) & (qb >= 0) & (qa != qb)
         elif level.when == "conflict":
             strong = enc.flags[f"{spec.name}.strong_kind"]
             value = enc.codes[f"{spec.name}.value"]
@@ -174,12 +182,18 @@ def field_levels(enc: Encoded, spec: FieldSpec, i: np.ndarray, j: np.ndarray,
     return out
 
 
+# Pairs handled at once: bounds the temporaries (gathered codes, masks, weights) on big runs.
+CHUNK_PAIRS = 2_000_000
+
+
 def comparison_levels(enc: Encoded, settings: Settings, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """(pairs x fields) int8 level matrix."""
-    similarity = _Similarity(enc)
+    """(pairs x fields) int8 level matrix, computed in chunks of `CHUNK_PAIRS` pairs."""
     out = np.empty((len(i), len(settings.fields)), dtype=np.int8)
-    for f, spec in enumerate(settings.fields):
-        out[:, f] = field_levels(enc, spec, i, j, similarity)
+    for start in range(0, len(i), CHUNK_PAIRS):
+        ci, cj = i[start:start + CHUNK_PAIRS], j[start:start + CHUNK_PAIRS]
+        similarity = _Similarity(enc)
+        for f, spec in enumerate(settings.fields):
+            out[start:start + len(ci), f] = field_levels(enc, spec, ci, cj, similarity)
     return out
 
 
@@ -391,7 +405,35 @@ def estimate_m(levels: np.ndarray, rule_masks: list[tuple[str, np.ndarray, set[s
         counts = pooled[spec.name]
         m[spec.name] = _floored(counts, params.m[spec.name], est.min_m) if counts.sum() > 0 else params.m[spec.name]
     model = Params(params.prior, m, params.u, {**params.origin, "m": "EM per blocking rule"})
-    return model, sessions
+    return cap_disagreements(model, settings), sessions
+
+
+DISAGREEMENT_LEVELS = ("conflict", "other_place", "other_extension")
+
+
+def cap_disagreements(params: Params, settings: Settings) -> Params:
+    """A disagreement level (two mobiles, another city, another extension) never counts *for* a
+    match: its m is capped at its u, the excess shared by the other levels.
+
+    EM cannot always tell a person from a same-named colleague: both agree on name and company,
+    and colleagues at one switchboard have different extensions, so an unconstrained EM can give
+    "another extension" a positive weight. The constraint is a fact about the levels' meaning,
+    not about one dataset.
+    """
+    for spec in settings.fields:
+        m, u = params.m[spec.name].copy(), params.u[spec.name]
+        capped = np.zeros(len(m), dtype=bool)
+        for k, level in enumerate(spec.levels):
+            if level.when in DISAGREEMENT_LEVELS and m[k] > u[k]:
+                capped[k] = True
+        if not capped.any():
+            continue
+        excess = float((m[capped] - u[capped]).sum())
+        m[capped] = u[capped]
+        rest = ~capped
+        m[rest] += excess * m[rest] / m[rest].sum()
+        params.m[spec.name] = m
+    return params
 
 
 def match_rate(levels: np.ndarray, params: Params, settings: Settings, *,
@@ -419,30 +461,70 @@ def match_rate(levels: np.ndarray, params: Params, settings: Settings, *,
 
 @dataclass
 class Scores:
-    """Scored candidate pairs; row k is the pair (i[k], j[k])."""
+    """Scored candidate pairs; row k is the pair (i[k], j[k]).
+
+    Per pair only the levels, the match weight and the probability are kept; the field weights
+    are recomputed from the levels when asked for (`weights`, `explain`), so that tens of
+    millions of pairs cost a byte per field rather than a float matrix.
+    """
 
     i: np.ndarray
     j: np.ndarray
     rule: np.ndarray
     levels: np.ndarray
-    weights: np.ndarray
-    tf_adjusted: np.ndarray   # (pairs x fields) bool
     total: np.ndarray
     probability: np.ndarray
     settings: Settings
     params: Params
     rule_names: list[str]
+    enc: Encoded | None = None
+    tf: "TermFrequencies | None" = None
+    _weights: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.i)
 
+    def field_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weights, tf_adjusted) matrices for the given pair rows."""
+        levels = self.levels[rows]
+        weights = level_weights(levels, self.params, self.settings)
+        tf_mask = np.zeros(levels.shape, dtype=bool)
+        if self.tf is not None and self.enc is not None:
+            for f, spec in enumerate(self.settings.fields):
+                for k, level in enumerate(spec.levels):
+                    if spec.tf_level(level):
+                        tf_mask[:, f] |= levels[:, f] == k
+            weights = tf_weights(levels, weights, self.enc, self.settings, self.params, self.tf, self.i[rows])
+        return weights, tf_mask
+
+    @property
+    def weights(self) -> np.ndarray:
+        """(pairs x fields) weight of each field's level (TF-adjusted where it applies)."""
+        if self._weights is None:
+            self._weights = self.field_weights(np.arange(len(self.i)))[0]
+        return self._weights
+
+    @property
+    def tf_adjusted(self) -> np.ndarray:
+        return self.field_weights(np.arange(len(self.i)))[1]
+
     def explain(self, k: int) -> dict[str, Any]:
         """Every field's level and weight for pair k, and how they add up."""
+        return self.explain_many(np.array([k]))[0]
+
+    def explain_many(self, rows: np.ndarray) -> list[dict[str, Any]]:
+        """`explain` for many pairs, with the weights computed in one vectorised pass."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return []
+        weights, tf_mask = self.field_weights(rows)
+        return [self._explain_row(int(k), weights[n], tf_mask[n]) for n, k in enumerate(rows)]
+
+    def _explain_row(self, k: int, row: np.ndarray, tf_row: np.ndarray) -> dict[str, Any]:
         settings = self.settings
         fields: dict[str, Any] = {}
         counted = np.ones(len(settings.fields), dtype=bool)
         _, grouped = _groups(settings)
-        row = self.weights[k]
         for members in grouped.values():
             ws = row[members]
             counted[members] = False
@@ -456,7 +538,7 @@ class Scores:
                 "level": "missing" if lv < 0 else spec.level_names[lv],
                 "weight": round(float(row[f]), 3),
             }
-            if self.tf_adjusted[k, f]:
+            if tf_row[f]:
                 entry["tf_adjusted"] = True
             if spec.group:
                 entry["group"] = spec.group
@@ -476,15 +558,14 @@ def score_pairs(enc: Encoded, settings: Settings, params: Params, i: np.ndarray,
                 rule_names: list[str] | None = None, levels: np.ndarray | None = None) -> Scores:
     if levels is None:
         levels = comparison_levels(enc, settings, i, j)
-    weights = level_weights(levels, params, settings)
-    tf_mask = np.zeros(levels.shape, dtype=bool)
-    if tf is not None:
-        for f, spec in enumerate(settings.fields):
-            for k, level in enumerate(spec.levels):
-                if spec.tf_level(level):
-                    tf_mask[:, f] |= levels[:, f] == k
-        weights = tf_weights(levels, weights, enc, settings, params, tf, i)
-    total = prior_weight(params.prior) + combine(weights, settings)
+    total = np.empty(len(i), dtype=np.float64)
+    base = prior_weight(params.prior)
+    for start in range(0, len(i), CHUNK_PAIRS):
+        rows = slice(start, start + CHUNK_PAIRS)
+        weights = level_weights(levels[rows], params, settings)
+        if tf is not None:
+            weights = tf_weights(levels[rows], weights, enc, settings, params, tf, i[rows])
+        total[rows] = base + combine(weights, settings)
     probability = 1.0 / (1.0 + np.exp2(-np.clip(total, -200, 200)))
-    return Scores(i, j, rule if rule is not None else np.zeros(len(i), np.int16), levels, weights, tf_mask,
-                  total, probability, settings, params, rule_names or [])
+    return Scores(i, j, rule if rule is not None else np.zeros(len(i), np.int16), levels, total, probability,
+                  settings, params, rule_names or [], enc, tf)

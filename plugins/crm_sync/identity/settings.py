@@ -22,15 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Normaliser = Literal["person_name", "phone", "email", "company", "text", "exact"]
 ComparatorType = Literal["name", "identifier", "company", "string", "exact"]
-Predicate = Literal["exact", "pinyin", "surname_only", "conflict", "jaro_winkler", "ratio"]
+Predicate = Literal["exact", "pinyin", "surname_only", "conflict", "other_place", "other_extension",
+                   "jaro_winkler", "ratio"]
 
 # Attributes each normaliser derives (usable in blocking keys and as a level's `on`).
 # `value` is always the field's comparison value.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "person_name": ("value", "full", "pinyin", "surname"),
-    "phone": ("value", "mobile", "landline"),
+    "phone": ("value", "mobile", "landline", "extension", "desk"),
     "email": ("value", "personal", "role", "domain"),
-    "company": ("value", "pinyin"),
+    "company": ("value", "pinyin", "place", "located"),
     "text": ("value",),
     "exact": ("value",),
 }
@@ -39,8 +40,8 @@ ATTRIBUTE_ALIASES = {("company", "key"): "value", ("phone", "e164"): "value", ("
 # Which predicates each normaliser can evaluate (beyond the universal exact/jaro_winkler/ratio).
 _SPECIAL_PREDICATES: dict[str, set[str]] = {
     "person_name": {"pinyin", "surname_only"},
-    "company": {"pinyin"},
-    "phone": {"conflict"},
+    "company": {"pinyin", "other_place"},
+    "phone": {"conflict", "other_extension"},
     "email": {"conflict"},
 }
 _FUZZY = {"jaro_winkler", "ratio"}
@@ -78,7 +79,8 @@ _DEFAULT_ELSE: dict[str, tuple[float, float]] = {
 # Starting m/u for levels the user adds without values, by predicate.
 _PREDICATE_START: dict[str, tuple[float, float]] = {
     "exact": (0.8, 0.01), "pinyin": (0.1, 0.002), "surname_only": (0.08, 0.01),
-    "conflict": (0.03, 0.5), "jaro_winkler": (0.05, 0.02), "ratio": (0.05, 0.02),
+    "conflict": (0.03, 0.5), "other_place": (0.01, 0.005), "other_extension": (0.01, 0.001),
+    "jaro_winkler": (0.05, 0.02), "ratio": (0.05, 0.02),
 }
 
 _RE_KEY = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)(?:\.(?P<attr>[A-Za-z_]+))?(?:\[:(?P<n>\d+)\])?$")
@@ -115,7 +117,7 @@ class Level(_Strict):
                 threshold = data.pop(found[0])
                 data.setdefault("name", f"{found[0]}_{threshold}")
                 return {**data, "when": found[0], "threshold": threshold}
-            for k in ("exact", "pinyin", "surname_only", "conflict"):
+            for k in ("exact", "pinyin", "surname_only", "conflict", "other_place", "other_extension"):
                 if data.get(k) is True:
                     data = {kk: vv for kk, vv in data.items() if kk != k}
                     data.setdefault("name", k)
