@@ -251,3 +251,41 @@ def test_watermark_moves_to_the_runs_max_cursor_and_never_back(conn, erp):
     _stage_run(conn, erp, "test__wm3", [_record("Y", i, updated=later - timedelta(minutes=i)) for i in range(3)])
     load.load(conn, "test__wm3", erp)
     assert mark() == (later, "Y0000", "test__wm3")
+
+
+def test_single_record_fast_path_matches_the_general_path(conn, erp):
+    """A customer with one source record and no override takes survivorship's fast path; an override
+    sends it down the general path: every field the override does not decide stays exactly the same."""
+    from crm_sync.identity import apply as identity_apply
+
+    run_id = "test__single_record"
+    full = _record("F", 0, company="Acme 有限公司", city="Shanghai")
+    sparse = _record("F", 1, email=None, city=None, updated=None)   # absent fields, no update time
+    _stage_run(conn, erp, run_id, [full, sparse])
+    load.load(conn, run_id, erp)
+    query = ("select full_name, phone_e164, phone_kind, phone_ext, email, company, city, provenance"
+             " from crm.customer where customer_id = %s")
+
+    fast = _one(conn, query, (full["customer_id"],))[0]
+    entry = {"source": "erp", "source_id": "F0000", "rule": "only_value"}
+    assert fast[:7] == ("Wang Wei F0", "+8613800000000", "mobile", None, "f0@example.com", "Acme 有限公司",
+                        "Shanghai")
+    assert set(fast[7]) == {"full_name", "phone", "email", "company", "city"}
+    for field, prov in fast[7].items():
+        assert {k: v for k, v in prov.items() if k != "at"} == entry, field
+        assert datetime.fromisoformat(prov["at"]) == full["updated"]
+    sparse_fast = _one(conn, query, (sparse["customer_id"],))[0]
+    assert sparse_fast[:7] == ("Wang Wei F1", "+8613800000001", "mobile", None, None, "Acme 有限公司", None)
+    assert sparse_fast[7] == {f: {"source": "erp", "source_id": "F0001", "rule": "only_value"}
+                              for f in ("full_name", "phone", "company")}   # no email/city, no 'at'
+
+    with conn.cursor() as cur:
+        for record in (full, sparse):
+            identity_apply.set_override(cur, record["customer_id"], "company", "Override Co", by="steward.test")
+    conn.commit()
+    for before, record in ((fast, full), (sparse_fast, sparse)):
+        general = _one(conn, query, (record["customer_id"],))[0]
+        assert general[5] == "Override Co" and general[7]["company"]["rule"] == "override"
+        assert general[:5] + general[6:7] == before[:5] + before[6:7]
+        assert {f: p for f, p in general[7].items() if f != "company"} == \
+               {f: p for f, p in before[7].items() if f != "company"}

@@ -2,7 +2,8 @@
 
 `refresh(cur, run_id, source=..., customer_ids=...)` recomputes the golden fields (full_name,
 phone, email, company, city) of the given customers — those a run's mapped rows point at, or an
-explicit list — in one set-based UPDATE. Guarantees:
+explicit list — set-based: one UPDATE for the customers with a single source record and no override
+(a plain join), one for the rest (candidates ordered per field). Guarantees:
 - per field, the candidates are the customer's source records holding a value (plus a steward's
   `crm.golden_override` when the field's rules include `override`), ordered by the field's rule
   list from `include/survivorship.yaml`, then by (source, source_id): the same inputs always give
@@ -116,49 +117,84 @@ def _rule_key(rule: str, field: str, priorities: dict[str, int]) -> sql.Composab
     return sql.SQL("case when c.is_override then null else {} end").format(by_source)
 
 
-def _statement(cfg: SurvivorshipConfig) -> sql.Composed:
-    picks: list[sql.Composable] = []
+_TOUCHED = "surv_touched"      # customers to refresh (temp table)
+_GENERAL = "surv_general"      # of those, the ones with >= 2 source records or an override
+_CAND = "surv_cand"            # their candidates with the sort keys of every field, one row type
+_COLUMNS = ("full_name", "phone_e164", "phone_kind", "phone_ext", "email", "company", "city")
+
+
+def _key_col(field: str, rule: str) -> sql.Identifier:
+    return sql.Identifier(f"k_{field}_{rule}")
+
+
+def _present_col(field: str) -> sql.Identifier:
+    return sql.Identifier(f"p_{field}")
+
+
+def _update(source: sql.Composable) -> sql.Composed:
+    """UPDATE crm.customer from `source` (customer_id, the golden columns, provenance): changed rows only.
+    `offset 0` keeps `source` a subquery, so its provenance is built once per row, not once for the
+    comparison and again for the SET."""
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)
+    new = sql.SQL(", ").join(sql.SQL("f.{}").format(sql.Identifier(c)) for c in _COLUMNS)
+    old = sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in _COLUMNS)
+    return sql.SQL("""
+        update crm.customer c set
+            ({cols}) = ({new}),
+            provenance = f.provenance,
+            last_run_id = coalesce(%(run)s, c.last_run_id), updated_at = now()
+        from ({source} offset 0) f
+        where c.customer_id = f.customer_id and c.merged_into is null
+          and ({old}, c.provenance) is distinct from ({new}, f.provenance)
+    """).format(cols=cols, new=new, old=old, source=source)
+
+
+def _provenance(entries: list[tuple[str, sql.Composable, sql.Composable, sql.Composable, sql.Composable,
+                                    sql.Composable]]) -> sql.Composed:
+    """jsonb provenance from (field, present, source, source_id, rule, at) per field; absent fields and
+    null `at` are left out (jsonb_strip_nulls)."""
+    parts = [sql.SQL("{}, case when {} then jsonb_build_object('source', {}, 'source_id', {}, 'rule', {},"
+                     " 'at', {}) end").format(sql.Literal(field), present, src, sid, rule, at)
+             for field, present, src, sid, rule, at in entries]
+    return sql.SQL("jsonb_strip_nulls(jsonb_build_object({}))").format(sql.SQL(", ").join(parts))
+
+
+def _fast_path() -> sql.Composed:
+    """Customers with exactly one source record and no override: the record is the only candidate of
+    every field it holds a value for (rule 'only_value'), so a plain join gives the golden record."""
     outs: list[sql.Composable] = []
-    sets: list[sql.Composable] = []
-    provenance: list[sql.Composable] = []
+    entries = []
+    for field in GOLDEN:
+        first = sql.SQL("s.{}").format(sql.Identifier(_VALUES[field][0]))
+        for i, col in enumerate(_VALUES[field]):
+            value = sql.SQL("s.{}").format(sql.Identifier(col))
+            if i:  # the field's other columns come with its first one, never alone
+                value = sql.SQL("case when {} is not null then {} end").format(first, value)
+            outs.append(sql.SQL("{} as {}").format(value, sql.Identifier(col)))
+        entries.append((field, sql.SQL("{} is not null").format(first), sql.SQL("s.source"), sql.SQL("s.source_id"),
+                        sql.SQL("'only_value'::text"), sql.SQL("s.source_updated_at")))
+    source = sql.SQL("""
+        select s.customer_id, {outs}, {prov} as provenance
+        from crm.source_customer s
+        join {touched} t on t.customer_id = s.customer_id
+        where not exists (select 1 from {general} g where g.customer_id = s.customer_id)
+    """).format(outs=sql.SQL(", ").join(outs), prov=_provenance(entries), touched=sql.Identifier(_TOUCHED),
+                general=sql.Identifier(_GENERAL))
+    return _update(source)
+
+
+def _candidates(cfg: SurvivorshipConfig) -> sql.Composed:
+    """The general path's candidates: source records and overrides of `surv_general`, with each field's
+    rule keys and whether the row is a candidate of the field, computed once per row."""
+    keys: list[sql.Composable] = []
     for field in GOLDEN:
         rules = cfg.fields[field].rules
-        keys = [_rule_key(r, field, cfg.priorities(field)) for r in rules]
-        order = sql.SQL(", ").join([sql.SQL("{} desc nulls last").format(k) for k in keys]
-                                   + [sql.SQL("c.source, c.source_id")])
-        first_col = _VALUES[field][0]
-        present = sql.SQL("c.{} is not null").format(sql.Identifier(first_col))
+        for r in rules:
+            keys.append(sql.SQL("{} as {}").format(_rule_key(r, field, cfg.priorities(field)), _key_col(field, r)))
+        present = sql.SQL("c.{} is not null").format(sql.Identifier(_VALUES[field][0]))
         if "override" not in rules:
             present = sql.SQL("{} and not c.is_override").format(present)
-
-        def agg(expr: sql.Composable, alias: str) -> None:
-            picks.append(sql.SQL("array_agg({} order by {}) filter (where {}) as {}").format(
-                expr, order, present, sql.Identifier(alias)))
-
-        for col in _VALUES[field]:
-            agg(sql.SQL("c.{}").format(sql.Identifier(col)), f"{field}__{col}")
-            outs.append(sql.SQL("b.{}[1] as {}").format(sql.Identifier(f"{field}__{col}"), sql.Identifier(col)))
-        for meta in ("source", "source_id", "at", "is_override"):
-            agg(sql.SQL("c.{}").format(sql.Identifier(meta)), f"{field}__{meta}")
-        for r, key in zip(rules, keys):
-            agg(key, f"{field}__k_{r}")
-        rule_case = [sql.SQL("when b.{a}[1] then 'override'").format(a=sql.Identifier(f"{field}__is_override")),
-                     sql.SQL("when cardinality(b.{a}) = 1 then 'only_value'").format(
-                         a=sql.Identifier(f"{field}__source"))]
-        for r in rules:
-            if r == "override":
-                continue
-            k = sql.Identifier(f"{field}__k_{r}")
-            rule_case.append(sql.SQL("when b.{k}[1] is distinct from b.{k}[2] then {r}").format(k=k, r=sql.Literal(r)))
-        src = sql.Identifier(f"{field}__source")
-        outs.append(sql.SQL(
-            "case when b.{src}[1] is not null then jsonb_build_object('source', b.{src}[1], 'source_id', b.{sid}[1],"
-            " 'rule', case {cases} else 'tiebreak' end, 'at', b.{at}[1]) end as {alias}").format(
-            src=src, sid=sql.Identifier(f"{field}__source_id"), at=sql.Identifier(f"{field}__at"),
-            cases=sql.SQL(" ").join(rule_case), alias=sql.Identifier(f"{field}__prov")))
-        provenance.append(sql.SQL("{}, f.{}").format(sql.Literal(field), sql.Identifier(f"{field}__prov")))
-    for col in ("full_name", "phone_e164", "phone_kind", "phone_ext", "email", "company", "city"):
-        sets.append(sql.Identifier(col))
+        keys.append(sql.SQL("{} as {}").format(present, _present_col(field)))
     override_value = {
         "full_name": "full_name", "email": "email", "company": "company", "city": "city", "phone": "phone_e164",
     }
@@ -166,57 +202,110 @@ def _statement(cfg: SurvivorshipConfig) -> sql.Composed:
         [sql.SQL("case when o.field = {} then o.value end as {}").format(sql.Literal(f), sql.Identifier(col))
          for f, col in override_value.items()])
     return sql.SQL("""
-        with touched as ({touched}),
-        cand as (
+        create temp table {cand} as
+        select c.customer_id, c.source, c.source_id, c.at, c.is_override, c.full_name, c.phone_e164, c.phone_kind,
+               c.phone_ext, c.email, c.company, c.city, {keys}
+        from (
             select s.customer_id, s.source, s.source_id, s.source_updated_at as at, false as is_override,
                    p.priority as yaml_priority, s.full_name, s.name_key, s.phone_e164, s.phone_kind, s.phone_ext,
                    s.email, s.company, s.city
             from crm.source_customer s
-            join touched t using (customer_id)
+            join {general} g on g.customer_id = s.customer_id
             left join sync.source_priority p on p.source = s.source
             union all
             select o.customer_id, 'override', o.set_by, o.set_at, true, null, o.full_name, null,
                    o.phone_e164, o.phone_kind, null, o.email, o.company, o.city
             from (select o.customer_id, o.set_by, o.set_at, {override_cols},
                          case when o.field = 'phone' then coalesce(o.value_kind, 'other') end as phone_kind
-                  from crm.golden_override o join touched t using (customer_id)) o
-        ),
-        b as (
-            select c.customer_id, {picks} from cand c group by c.customer_id
-        ),
-        f as (
-            select b.customer_id, {outs} from b
-        )
-        update crm.customer c set
-            ({sets}) = (f.full_name, f.phone_e164, f.phone_kind, f.phone_ext, f.email, f.company, f.city),
-            provenance = jsonb_strip_nulls(jsonb_build_object({provenance})),
-            last_run_id = coalesce(%(run)s, c.last_run_id), updated_at = now()
-        from f
-        where c.customer_id = f.customer_id and c.merged_into is null
-          and (c.full_name, c.phone_e164, c.phone_kind, c.phone_ext, c.email, c.company, c.city, c.provenance)
-              is distinct from (f.full_name, f.phone_e164, f.phone_kind, f.phone_ext, f.email, f.company, f.city,
-                                jsonb_strip_nulls(jsonb_build_object({provenance})))
-    """).format(
-        touched=sql.SQL("{touched}"), override_cols=override_cols, picks=sql.SQL(",\n").join(picks),
-        outs=sql.SQL(",\n").join(outs), sets=sql.SQL(", ").join(sets),
-        provenance=sql.SQL(", ").join(provenance))
+                  from crm.golden_override o join {general} g on g.customer_id = o.customer_id) o
+        ) c
+    """).format(cand=sql.Identifier(_CAND), keys=sql.SQL(", ").join(keys), general=sql.Identifier(_GENERAL),
+                override_cols=override_cols)
+
+
+def _general_path(cfg: SurvivorshipConfig) -> sql.Composed:
+    """Per field, the candidates ordered once (whole rows of `surv_cand`): the first wins, the second
+    is the runner-up the rule is told from."""
+    picks: list[sql.Composable] = []
+    tops: list[sql.Composable] = []
+    outs: list[sql.Composable] = []
+    entries = []
+    for field in GOLDEN:
+        rules = cfg.fields[field].rules
+        order = sql.SQL(", ").join([sql.SQL("x.{} desc nulls last").format(_key_col(field, r)) for r in rules]
+                                   + [sql.SQL("x.source, x.source_id")])
+        arr = sql.Identifier(f"a_{field}")
+        picks.append(sql.SQL("array_agg(x order by {}) filter (where x.{}) as {}").format(
+            order, _present_col(field), arr))
+        win, second, count = (sql.Identifier(f"{p}_{field}") for p in ("w", "r", "n"))
+        tops.append(sql.SQL("b.{a}[1] as {w}, b.{a}[2] as {r}, cardinality(b.{a}) as {n}").format(
+            a=arr, w=win, r=second, n=count))
+        win = sql.SQL("(t.{})").format(win)
+        second = sql.SQL("(t.{})").format(second)
+        for col in _VALUES[field]:
+            outs.append(sql.SQL("{}.{} as {}").format(win, sql.Identifier(col), sql.Identifier(col)))
+        rule_case = [sql.SQL("when {}.is_override then 'override'").format(win),
+                     sql.SQL("when t.{} = 1 then 'only_value'").format(count)]
+        for r in rules:
+            if r == "override":
+                continue
+            k = _key_col(field, r)
+            rule_case.append(sql.SQL("when {w}.{k} is distinct from {s}.{k} then {r}").format(
+                w=win, s=second, k=k, r=sql.Literal(r)))
+        rule = sql.SQL("case {} else 'tiebreak' end").format(sql.SQL(" ").join(rule_case))
+        entries.append((field, sql.SQL("{}.source is not null").format(win), sql.SQL("{}.source").format(win),
+                        sql.SQL("{}.source_id").format(win), rule, sql.SQL("{}.at").format(win)))
+    source = sql.SQL("""
+        select t.customer_id, {outs}, {prov} as provenance
+        from (select b.customer_id, {tops}
+              from (select x.customer_id, {picks} from {cand} x group by x.customer_id) b
+              offset 0) t
+    """).format(outs=sql.SQL(", ").join(outs), prov=_provenance(entries), tops=sql.SQL(", ").join(tops),
+                picks=sql.SQL(",\n").join(picks), cand=sql.Identifier(_CAND))
+    return _update(source)
 
 
 _BY_RUN = sql.SQL("select distinct customer_id from stg.mapped_customer where run_id = %(run)s and source = %(source)s")
 _BY_IDS = sql.SQL("select distinct unnest(%(ids)s::uuid[]) as customer_id")
 
 
+def _drop(cur) -> None:
+    cur.execute(sql.SQL("drop table if exists {}, {}, {}").format(
+        *(sql.SQL("pg_temp.{}").format(sql.Identifier(t)) for t in (_CAND, _GENERAL, _TOUCHED))))
+
+
 def refresh(cur, run_id: str | None, *, source: str | None = None, customer_ids=None,
             cfg: SurvivorshipConfig | None = None) -> int:
-    """Recompute the golden fields of a run's customers (`source`) or of `customer_ids`; rows changed."""
+    """Recompute the golden fields of a run's customers (`source`) or of `customer_ids`; rows changed.
+
+    The touched customers are collected once into a temp table. Those with one source record and no
+    override take the fast path (a plain join, rule 'only_value'); the rest the general path (all
+    candidates ordered per field). Both give what ordering every customer's candidates would give.
+    """
     if (source is None) == (customer_ids is None):
         raise ValueError("give exactly one of source or customer_ids")
     cfg = cfg or load_config()
-    template = _statement(cfg)
     touched = _BY_RUN if source is not None else _BY_IDS
     ids = [str(c) for c in customer_ids] if customer_ids is not None else None
     if ids is not None and not ids:
         return 0
-    statement = sql.SQL(template.as_string(cur).replace("{touched}", touched.as_string(cur)))
-    cur.execute(statement, {"run": run_id, "source": source, "ids": ids})
-    return cur.rowcount
+    params = {"run": run_id, "source": source, "ids": ids}
+    _drop(cur)
+    cur.execute(sql.SQL("create temp table {} as {}").format(sql.Identifier(_TOUCHED), touched), params)
+    cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_TOUCHED)))
+    cur.execute(sql.SQL("""
+        create temp table {general} as
+        select s.customer_id from crm.source_customer s join {touched} t on t.customer_id = s.customer_id
+        group by s.customer_id having count(*) > 1
+        union
+        select o.customer_id from crm.golden_override o join {touched} t on t.customer_id = o.customer_id
+    """).format(general=sql.Identifier(_GENERAL), touched=sql.Identifier(_TOUCHED)))
+    cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_GENERAL)))
+    cur.execute(_fast_path(), params)
+    changed = cur.rowcount
+    cur.execute(_candidates(cfg))
+    cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_CAND)))
+    cur.execute(_general_path(cfg), params)
+    changed += cur.rowcount
+    _drop(cur)
+    return changed
