@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except db.DatabaseError as exc:
         print(f"crm-sync: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as exc:  # config and input errors name the file and field
+        print(f"crm-sync {args.command}: {exc}", file=sys.stderr)
+        return 2
     return 2
 
 
