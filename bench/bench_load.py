@@ -109,14 +109,8 @@ def extracted_rows(run_id: str, source: str, n: int):
 
 
 def fresh_database() -> str:
-    import psycopg2
-
     admin = db.embedded_server_uri(ROOT / ".local" / "pg-bench")
-    conn = psycopg2.connect(admin)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'drop database if exists "{DATABASE}" with (force)')
-    conn.close()
+    db.drop_database(admin, DATABASE)
     db.ensure_database(admin, DATABASE)
     return db.with_database(admin, DATABASE)
 

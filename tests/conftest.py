@@ -37,16 +37,6 @@ def _create_db(admin_dsn: str, name: str) -> str:
     return db.with_database(admin_dsn, name)
 
 
-def _drop_db(admin_dsn: str, name: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(admin_dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'drop database if exists "{name}" with (force)')
-    conn.close()
-
-
 @pytest.fixture(scope="module")
 def fresh_dsn(pg_admin_dsn):
     """DSN of a new, migrated database for this test module; dropped afterwards."""
@@ -60,7 +50,7 @@ def fresh_dsn(pg_admin_dsn):
     finally:
         conn.close()
     yield dsn
-    _drop_db(pg_admin_dsn, name)
+    db.drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture()

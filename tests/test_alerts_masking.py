@@ -5,7 +5,6 @@ import email
 import html
 import json
 import re
-import threading
 import time
 from datetime import datetime, timezone
 from email import policy

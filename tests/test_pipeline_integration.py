@@ -120,11 +120,7 @@ def stack(fresh_dsn, pg_admin_dsn, tmp_path_factory):
         demo.ensure_airflow_db(env)
         yield Stack(tmp=tmp, configs=configs, now=now, ends=ends, dsn=fresh_dsn, erp_dsn=erp_dsn, store=store,
                     api=api, outbox=outbox, env=env, token=token)
-    conn = db.connect(pg_admin_dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'drop database if exists "{erp_db}" with (force)')
-    conn.close()
+    db.drop_database(pg_admin_dsn, erp_db)
 
 
 def _src(stack, sql):

@@ -107,6 +107,30 @@ def ensure_database(admin_dsn: str, database: str) -> None:
         conn.close()
 
 
+def drop_database(admin_dsn: str, database: str) -> None:
+    """Drop `database` if it exists, forcing its connections off."""
+    _admin(admin_dsn, "drop database if exists {} with (force)", database)
+
+
+def copy_database(admin_dsn: str, database: str, template: str) -> None:
+    """(Re)create `database` as a copy of `template` (which must have no open connections)."""
+    drop_database(admin_dsn, database)
+    _admin(admin_dsn, "create database {} template {}", database, template)
+
+
+def _admin(admin_dsn: str, statement: str, *names: str) -> None:
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(admin_dsn)
+    try:
+        conn.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL(statement).format(*map(sql.Identifier, names)))
+    finally:
+        conn.close()
+
+
 def resolve_dsn() -> str:
     dsn = os.environ.get("CRM_SYNC_DSN")
     if dsn:

@@ -15,14 +15,7 @@ from crm_sync.config import SourceConfig
 
 LOAD_LOCK_KEY = 7_311_002
 
-# golden field -> the source_customer columns it takes; a phone travels as one unit
-GOLDEN_FIELDS = ["full_name", "email", "company", "city"]
-
-ACCEPTED = """
-    not exists (select 1 from sync.quarantine q
-                where q.run_id = m.run_id and q.source = m.source and q.stream = m.stream
-                  and q.source_pk = m.source_pk)
-"""
+ACCEPTED = quarantine.ACCEPTED
 
 
 @dataclass(frozen=True)
@@ -122,50 +115,39 @@ def _reject_orphans(cur, run_id: str, source: str, table: str, stream: str) -> i
     return cur.rowcount
 
 
-def _load_orders(cur, run_id: str, source: str) -> int:
+# Facts that hang off a customer: target table, its key column, the staging table, and the
+# target columns with the staging expression each takes (`m` = staging row).
+FACTS = {
+    "order": ("crm.sales_order", "order_id", "stg.mapped_order", {
+        "source_customer_id": "m.source_customer_id", "order_date": "m.order_date", "amount": "m.amount",
+        "currency": "coalesce(m.currency, 'CNY')", "status": "m.status", "source_updated_at": "m.source_updated_at",
+    }),
+    "ticket": ("crm.ticket", "ticket_id", "stg.mapped_ticket", {
+        "source_customer_id": "m.source_customer_id", "subject": "m.subject", "status": "m.status",
+        "priority": "m.priority", "source_created_at": "m.source_created_at",
+        "source_updated_at": "m.source_updated_at",
+    }),
+}
+
+
+def _load_facts(cur, run_id: str, source: str, entity: str) -> int:
+    """Upsert one run's accepted orders or tickets with their customer id; unchanged rows are not touched."""
+    table, key, staged, columns = FACTS[entity]
+    names = [*columns, "row_hash", "loaded_run_id"]
     cur.execute(
         f"""
-        insert into crm.sales_order as t (source, order_id, source_customer_id, customer_id, order_date, amount,
-            currency, status, source_updated_at, row_hash, loaded_run_id)
-        select m.source, m.source_pk, m.source_customer_id, l.customer_id, m.order_date, m.amount,
-               coalesce(m.currency, 'CNY'), m.status, m.source_updated_at, m.row_hash, m.run_id
-        from stg.mapped_order m
+        insert into {table} as t (source, {key}, customer_id, {", ".join(names)})
+        select m.source, m.source_pk, l.customer_id, {", ".join(columns.values())}, m.row_hash, m.run_id
+        from {staged} m
         join crm.customer_link l on l.source = m.source and l.source_id = m.source_customer_id
         where m.run_id = %s and m.source = %s and {ACCEPTED}
-        on conflict (source, order_id) do update set
-            source_customer_id = excluded.source_customer_id, customer_id = excluded.customer_id,
-            order_date = excluded.order_date, amount = excluded.amount, currency = excluded.currency,
-            status = excluded.status, source_updated_at = excluded.source_updated_at,
-            row_hash = excluded.row_hash, loaded_run_id = excluded.loaded_run_id
+        on conflict (source, {key}) do update set
+            customer_id = excluded.customer_id, {", ".join(f"{c} = excluded.{c}" for c in names)}
         where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
         """,
         (run_id, source),
     )
-    cur.execute(f"select count(*) from stg.mapped_order m where m.run_id = %s and m.source = %s and {ACCEPTED}",
-                (run_id, source))
-    return cur.fetchone()[0]
-
-
-def _load_tickets(cur, run_id: str, source: str) -> int:
-    cur.execute(
-        f"""
-        insert into crm.ticket as t (source, ticket_id, source_customer_id, customer_id, subject, status, priority,
-            source_created_at, source_updated_at, row_hash, loaded_run_id)
-        select m.source, m.source_pk, m.source_customer_id, l.customer_id, m.subject, m.status, m.priority,
-               m.source_created_at, m.source_updated_at, m.row_hash, m.run_id
-        from stg.mapped_ticket m
-        join crm.customer_link l on l.source = m.source and l.source_id = m.source_customer_id
-        where m.run_id = %s and m.source = %s and {ACCEPTED}
-        on conflict (source, ticket_id) do update set
-            source_customer_id = excluded.source_customer_id, customer_id = excluded.customer_id,
-            subject = excluded.subject, status = excluded.status, priority = excluded.priority,
-            source_created_at = excluded.source_created_at, source_updated_at = excluded.source_updated_at,
-            row_hash = excluded.row_hash, loaded_run_id = excluded.loaded_run_id
-        where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
-        """,
-        (run_id, source),
-    )
-    cur.execute(f"select count(*) from stg.mapped_ticket m where m.run_id = %s and m.source = %s and {ACCEPTED}",
+    cur.execute(f"select count(*) from {staged} m where m.run_id = %s and m.source = %s and {ACCEPTED}",
                 (run_id, source))
     return cur.fetchone()[0]
 
@@ -189,12 +171,10 @@ def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
 
             apply_identity(cur, run_id, cfg.source)  # review items, merges, splits, match keys
             for stream in cfg.streams:
-                if stream.entity == "order":
-                    _reject_orphans(cur, run_id, cfg.source, "stg.mapped_order", stream.name)
-                elif stream.entity == "ticket":
-                    _reject_orphans(cur, run_id, cfg.source, "stg.mapped_ticket", stream.name)
-            orders = _load_orders(cur, run_id, cfg.source)
-            tickets = _load_tickets(cur, run_id, cfg.source)
+                if stream.entity in FACTS:
+                    _reject_orphans(cur, run_id, cfg.source, FACTS[stream.entity][2], stream.name)
+            orders = _load_facts(cur, run_id, cfg.source, "order")
+            tickets = _load_facts(cur, run_id, cfg.source, "ticket")
             for stream in cfg.streams:
                 watermark.advance(cur, cfg.source, stream.name, run_id)
             cur.execute("select count(distinct (stream, coalesce(source_pk, quarantine_id::text)))"
@@ -209,16 +189,16 @@ def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
 
 
 def purge_staging(conn, source: str, keep_runs: int = 20) -> int:
-    """Drop staging rows of all but the newest `keep_runs` runs of a source (housekeeping)."""
+    """Drop staging rows of all but the newest `keep_runs` runs of a source (housekeeping); commits."""
     removed = 0
     with conn.cursor() as cur:
-        cur.execute(
-            """select run_id from sync.run_log where source = %s order by started_at desc offset %s""",
-            (source, keep_runs),
-        )
-        old = [r[0] for r in cur.fetchall()]
-        for table in ("stg.extracted", "stg.resolved", "stg.mapped_customer", "stg.mapped_order", "stg.mapped_ticket"):
-            for run_id in old:
-                removed += staging.delete_run(cur, table, run_id, source)
+        for table in staging.STAGING_TABLES:
+            cur.execute(
+                f"""delete from {table} t where t.source = %(source)s and t.run_id in (
+                        select run_id from sync.run_log where source = %(source)s
+                        order by started_at desc offset %(keep)s)""",
+                {"source": source, "keep": keep_runs},
+            )
+            removed += cur.rowcount
     conn.commit()
     return removed

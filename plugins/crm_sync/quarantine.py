@@ -18,6 +18,14 @@ class Reject:
     expectation: str | None = None
 
 
+# SQL predicate on a staging row aliased `m`: true when no stage of its run quarantined it.
+ACCEPTED = """
+    not exists (select 1 from sync.quarantine q
+                where q.run_id = m.run_id and q.source = m.source and q.stream = m.stream
+                  and q.source_pk = m.source_pk)
+"""
+
+
 def clear(cur, run_id: str, source: str, stream: str, stage: str) -> None:
     cur.execute(
         "delete from sync.quarantine where run_id = %s and source = %s and stream = %s and stage = %s",

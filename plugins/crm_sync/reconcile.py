@@ -14,6 +14,7 @@ from decimal import Decimal
 
 from crm_sync import runlog
 from crm_sync.config import SourceConfig, StreamConfig
+from crm_sync.quarantine import ACCEPTED
 
 TARGET = {
     "customer": ("crm.source_customer", "source_id", "stg.mapped_customer"),
@@ -51,8 +52,7 @@ def _stream_checks(cur, run_id: str, source: str, stream: StreamConfig) -> list[
     extracted = cur.fetchone()[0]
     accepted = f"""
         from {mapped} m where m.run_id = %(run)s and m.source = %(source)s and m.stream = %(stream)s
-         and not exists (select 1 from sync.quarantine q where q.run_id = m.run_id and q.source = m.source
-                         and q.stream = m.stream and q.source_pk = m.source_pk)"""
+         and {ACCEPTED}"""
     cur.execute(f"select count(*) {accepted}", params)
     accepted_rows = cur.fetchone()[0]
     cur.execute(

@@ -141,6 +141,11 @@ def copy_rows(cur, table: str, columns: Sequence[str], rows: Iterable[Sequence])
     return stream.count
 
 
+# Every per-run staging table (all keyed by run_id and source); housekeeping purges them together.
+STAGING_TABLES = ("stg.extracted", "stg.resolved", "stg.mapped_customer", "stg.mapped_order", "stg.mapped_ticket",
+                  "stg.identity_input", "stg.match_key", "stg.review_pair", "stg.cluster_merge")
+
+
 def delete_run(cur, table: str, run_id: str, source: str, stream: str | None = None) -> int:
     """Remove one run's rows from a staging table, so a retried task starts clean."""
     schema, name = table.split(".")

@@ -25,7 +25,7 @@ def _fail_fast_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def _stage(cfg: SourceConfig, context: dict, name: str):
+def _stage(cfg: SourceConfig):
     from airflow.sdk.exceptions import AirflowFailException
 
     from crm_sync import db
@@ -51,7 +51,7 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
     cfg = load_source(source)
     stream = cfg.stream(stream_name)
     run_id = context["run_id"]
-    with _stage(cfg, context, "extract") as conn:
+    with _stage(cfg) as conn:
         with conn.cursor() as cur:
             runlog.start(cur, run_id, source, cfg.dag_id, context.get("data_interval_start"),
                          context.get("data_interval_end"), task_id=f"extract.{stream_name}")
@@ -120,7 +120,7 @@ def resolve(source: str, context: dict) -> dict:
     from crm_sync.sources.extract import record_extract
 
     cfg = load_source(source)
-    with _stage(cfg, context, "resolve") as conn:
+    with _stage(cfg) as conn:
         record_extract(conn, context["run_id"], cfg)
         result = run_resolve(conn, context["run_id"], cfg)
     return {"records": result.records, "linked": result.linked, "merged": result.merged, "new": result.new}
@@ -130,7 +130,7 @@ def map_stream(source: str, stream_name: str, context: dict) -> dict:
     from crm_sync import mapping
 
     cfg = load_source(source)
-    with _stage(cfg, context, "map") as conn:
+    with _stage(cfg) as conn:
         result = mapping.map_stream(conn, context["run_id"], cfg, cfg.stream(stream_name))
         with conn.cursor() as cur:
             cur.execute(
@@ -149,7 +149,7 @@ def validate_stream(source: str, stream_name: str, context: dict) -> dict:
     from crm_sync.quality.volume import check_volume
 
     cfg = load_source(source)
-    with _stage(cfg, context, "validate") as conn:
+    with _stage(cfg) as conn:
         check_volume(conn, context["run_id"], cfg, cfg.stream(stream_name))
         outcome = run_validate(conn, context["run_id"], cfg, cfg.stream(stream_name))
     return {"rows": outcome.rows, "quarantined": outcome.quarantined, "warnings": outcome.failed_warning}
@@ -159,19 +159,18 @@ def load(source: str, context: dict) -> dict:
     from crm_sync import load as loader
 
     cfg = load_source(source)
-    with _stage(cfg, context, "load") as conn:
+    with _stage(cfg) as conn:
         result = loader.load(conn, context["run_id"], cfg)
     return {"customers": result.customers, "orders": result.orders, "tickets": result.tickets,
             "rejected": result.rejected}
 
 
 def reconcile(source: str, context: dict) -> dict:
-    from crm_sync import runlog
     from crm_sync.load import purge_staging
     from crm_sync.reconcile import reconcile as run_reconcile
 
     cfg = load_source(source)
-    with _stage(cfg, context, "reconcile") as conn:
+    with _stage(cfg) as conn:
         checks = run_reconcile(conn, context["run_id"], cfg)
         with conn.cursor() as cur:
             cur.execute("update sync.run_log set state = 'success', finished_at = now() where run_id = %s and source = %s",

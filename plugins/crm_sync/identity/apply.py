@@ -28,12 +28,7 @@ from psycopg2.extras import execute_values
 
 from crm_sync import survivorship
 from crm_sync.identity import master
-
-ACCEPTED = """
-    not exists (select 1 from sync.quarantine q
-                where q.run_id = m.run_id and q.source = m.source and q.stream = m.stream
-                  and q.source_pk = m.source_pk)
-"""
+from crm_sync.quarantine import ACCEPTED
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -143,19 +142,11 @@ def record_keys(feats: pd.DataFrame, settings: Settings) -> tuple[list[np.ndarra
         pos = np.flatnonzero(ok)
         rows.append(pos)
         keys.append((f"b:{rule.name}=" + joined.iloc[pos]).to_numpy(dtype=object))
-    seen: set[str] = set()
-    for spec in settings.fields:
-        for level in spec.levels:
-            if not spec.tf_level(level):
-                continue
-            column = f"{spec.name}.{spec.attribute_of(level)}"
-            if column in seen:
-                continue
-            seen.add(column)
-            values = pd.Series(feats[column].to_numpy(dtype=object), dtype=object)
-            pos = np.flatnonzero(values.notna().to_numpy())
-            rows.append(pos)
-            keys.append((f"t:{column}=" + values.iloc[pos].astype(str)).to_numpy(dtype=object))
+    for column in settings.tf_columns():
+        values = pd.Series(feats[column].to_numpy(dtype=object), dtype=object)
+        pos = np.flatnonzero(values.notna().to_numpy())
+        rows.append(pos)
+        keys.append((f"t:{column}=" + values.iloc[pos].astype(str)).to_numpy(dtype=object))
     return rows, keys
 
 
@@ -172,20 +163,6 @@ def _decision(rid: str, engine_decision: str, cluster: str, previous: str | None
     return "new", "no_match"
 
 
-IDENTITY_STAGING = ("stg.identity_input", "stg.match_key", "stg.review_pair", "stg.cluster_merge")
-
-
-def _purge_old_runs(cur, source: str, keep_runs: int = 20) -> None:
-    """This stage's own staging tables keep the newest `keep_runs` runs of a source, like the others."""
-    for table in IDENTITY_STAGING:
-        cur.execute(
-            f"""delete from {table} t where t.source = %(source)s and t.run_id in (
-                    select run_id from sync.run_log where source = %(source)s
-                    order by started_at desc offset %(keep)s)""",
-            {"source": source, "keep": keep_runs},
-        )
-
-
 def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
     settings = match_settings()
     streams = [s for s in cfg.streams if s.entity == "customer"]
@@ -196,7 +173,6 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
                 staging.delete_run(cur, table, run_id, cfg.source, stream.name)
         for table in ("stg.review_pair", "stg.cluster_merge"):
             staging.delete_run(cur, table, run_id, cfg.source)
-        _purge_old_runs(cur, cfg.source)
         if batch.empty:
             runlog.update(cur, run_id, cfg.source, ids_linked=0, ids_merged=0, ids_new=0, ids_review=0)
             return ResolveResult(records=0, linked=0, merged=0, new=0)

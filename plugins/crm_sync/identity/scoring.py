@@ -244,28 +244,22 @@ def term_frequencies(enc: Encoded, settings: Settings,
     counts: dict[str, np.ndarray] = {}
     totals: dict[str, float] = {}
     given_total = float((tf_counts or {}).get("total", (tf_counts or {}).get("__total__", 0)) or 0)
-    for spec in settings.fields:
-        for level in spec.levels:
-            if not spec.tf_level(level):
-                continue
-            column = f"{spec.name}.{spec.attribute_of(level)}"
-            if column in counts:
-                continue
-            codes = enc.codes[column]
-            present = codes[codes >= 0]
-            local = np.bincount(present, minlength=len(enc.uniques[column])).astype(np.float64)
-            total = float(len(present))
-            supplied = None
-            if tf_counts:
-                supplied = tf_counts.get(column)
-                if supplied is None and column.endswith(".value"):
-                    supplied = tf_counts.get(spec.name)
-            if supplied:
-                mapped = pd.Series(enc.uniques[column], dtype=object).map(supplied).fillna(0).to_numpy(float)
-                local = np.maximum(local, mapped)
-                total = max(total, given_total)
-            counts[column] = local
-            totals[column] = total
+    for column in settings.tf_columns():
+        codes = enc.codes[column]
+        present = codes[codes >= 0]
+        local = np.bincount(present, minlength=len(enc.uniques[column])).astype(np.float64)
+        total = float(len(present))
+        supplied = None
+        if tf_counts:
+            supplied = tf_counts.get(column)
+            if supplied is None and column.endswith(".value"):
+                supplied = tf_counts.get(column.split(".", 1)[0])  # a bare field name means its value
+        if supplied:
+            mapped = pd.Series(enc.uniques[column], dtype=object).map(supplied).fillna(0).to_numpy(float)
+            local = np.maximum(local, mapped)
+            total = max(total, given_total)
+        counts[column] = local
+        totals[column] = total
     return TermFrequencies(counts, totals)
 
 

@@ -280,6 +280,15 @@ class Settings(_Strict):
     estimation: Estimation = Field(default_factory=Estimation)
     source: str | None = Field(default=None, exclude=True)
 
+    def tf_columns(self) -> list[str]:
+        """Feature columns (`field.attribute`) whose values carry term frequencies, each once, in field order."""
+        columns: dict[str, None] = {}
+        for spec in self.fields:
+            for level in spec.levels:
+                if spec.tf_level(level):
+                    columns.setdefault(f"{spec.name}.{spec.attribute_of(level)}")
+        return list(columns)
+
     @field_validator("blocking", mode="before")
     @classmethod
     def _parse_rules(cls, rules: Any) -> Any:
