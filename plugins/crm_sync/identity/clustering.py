@@ -11,6 +11,10 @@ Guarantees:
   values such as a landline, a role mailbox or a surname-only name are not strong values) — or
   when a cannot-link pair would end up inside one cluster. So a weak record ("王先生" with only a
   switchboard) can join one person but never glue two different people together;
+- two values of a strong field that a merge edge compares on an agreeing level (a level that
+  weighs for a match: same reading, a fuzzy name level, a mobile one digit off) are one value
+  for that check, so a keying error never splits a person; values that only ever meet on a
+  disagreeing level still conflict;
 - refused edges are returned with the reason, for the review queue;
 - when a union joins clusters that each contain existing cluster ids, the event is recorded
   with the edge that caused it (for `cluster_merges`).
@@ -97,9 +101,14 @@ class _Forest:
 def cluster(n: int, edge_i: np.ndarray, edge_j: np.ndarray, edge_p: np.ndarray,
             strong: list[np.ndarray], strong_names: list[str], *,
             must_link: Iterable[tuple[int, int]] = (), cannot_link: Iterable[tuple[int, int]] = (),
-            initial: np.ndarray | None = None, existing: list[str | None] | np.ndarray | None = None
-            ) -> ClusterResult:
+            initial: np.ndarray | None = None, existing: list[str | None] | np.ndarray | None = None,
+            agrees: np.ndarray | None = None) -> ClusterResult:
     """Cluster n records. `strong[f][r]` is record r's strong value code for field f (-1: none).
+
+    `agrees[e, f]` (optional) says that merge edge e's two values of strong field f agree
+    although they differ (a fuzzy or one-typo level that weighs for a match): such values count
+    as one value, so a typo never splits a person, while two values that only ever meet on
+    disagreeing levels still conflict.
 
     `initial[r]` is a group code (-1: none) for records that start joined; `existing[r]` is the
     record's existing cluster id (master rows) or None.
@@ -114,6 +123,9 @@ def cluster(n: int, edge_i: np.ndarray, edge_j: np.ndarray, edge_p: np.ndarray,
     edge_i = np.asarray(edge_i, dtype=np.int64)
     edge_j = np.asarray(edge_j, dtype=np.int64)
     edge_p = np.asarray(edge_p, dtype=np.float64)
+    if agrees is not None and len(edge_i):
+        strong = [_same_value_through_agreement(codes, edge_i, edge_j, agrees[:, f])
+                  for f, codes in enumerate(strong)]
     must_link, cannot_link = list(must_link), list(cannot_link)
     existing_arr = None if existing is None else np.asarray(existing, dtype=object)
     comp = _components(n, edge_i, edge_j, must_link, initial)
@@ -152,6 +164,22 @@ def cluster(n: int, edge_i: np.ndarray, edge_j: np.ndarray, edge_p: np.ndarray,
     result.joins = [(a, b, int(edges[e]) if e >= 0 else -1) for a, b, e in sub.joins]
     result.must_link_conflicts = sub.must_link_conflicts
     return result
+
+
+def _same_value_through_agreement(codes: np.ndarray, edge_i: np.ndarray, edge_j: np.ndarray,
+                                  agree: np.ndarray) -> np.ndarray:
+    """Codes with values joined where an agreeing edge links two different values."""
+    ca, cb = codes[edge_i], codes[edge_j]
+    link = agree & (ca >= 0) & (cb >= 0) & (ca != cb)
+    if not link.any():
+        return codes
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    width = int(codes.max()) + 1
+    graph = coo_matrix((np.ones(int(link.sum()), dtype=np.int8), (ca[link], cb[link])), shape=(width, width))
+    _, canonical = connected_components(graph, directed=False)
+    return np.where(codes >= 0, canonical[np.maximum(codes, 0)], -1).astype(codes.dtype, copy=False)
 
 
 def _components(n: int, edge_i: np.ndarray, edge_j: np.ndarray, must_link: list[tuple[int, int]],

@@ -213,7 +213,8 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
     result = clustering.cluster(
         n, blocks.i[edges], blocks.j[edges], prob[edges], strong, [s.name for s in strong_fields],
         must_link=must, cannot_link=cannot, initial=initial,
-        existing=list(existing_ids) if has_existing else None)
+        existing=list(existing_ids) if has_existing else None,
+        agrees=scores.agrees(edges, [settings.fields.index(s) for s in strong_fields]))
     root = result.root
     timings["clustering"] = time.perf_counter() - t
 

@@ -12,17 +12,22 @@
   city spelling variant occurs, and so do missing and invalid values;
 - the hard negatives come from the people pool and are kept: different persons sharing a common
   name (王伟, 李娜), colleagues sharing a company switchboard and a role `info@` mailbox;
+- keying errors happen as in real feeds (`TYPO_RATE` of the values of each kind): a given-name
+  character replaced by a homophone (what a pinyin input method produces: 张伟 -> 张维) or, when
+  there is none, by another character; a letter dropped from a pinyin name; two adjacent digits of
+  a mobile swapped or one digit mistyped; a letter dropped from an e-mail's local part;
 - record order and record ids carry no information about the person (shuffled, sequential ids).
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 import pandas as pd
 
 from crm_sync.simulators.people import (
-    CITIES, NAME_VARIANTS, Person, generate_people, render_email, render_name, render_phone, to_traditional,
+    CITIES, COMMON_GIVEN, GIVEN_CHARS, NAME_VARIANTS, Person, generate_people, render_email, render_name, render_phone, to_traditional,
 )
 
 COLUMNS = ["record_id", "source", "name", "phone", "email", "company", "city", "person_id"]
@@ -55,6 +60,61 @@ SOURCES: dict[str, SourceProfile] = {
     "spreadsheet": SourceProfile(10, (40, 10, 0, 40, 10), 0.70, 0.10, 0.60, 0.60, 0.60),
 }
 _RECORDS_PER_PERSON = ((1, 2, 3, 4, 5, 6), (18, 24, 24, 16, 11, 7))
+TYPO_RATE = 0.03
+# Characters a pinyin input method offers for the same syllable: the pool that homophone typos
+# are drawn from (given-name characters of the people pool and common characters beside them).
+_HOMOPHONE_POOL = (GIVEN_CHARS["M"] + GIVEN_CHARS["F"] + "".join(COMMON_GIVEN["M"] + COMMON_GIVEN["F"])
+                   + "维玮薇蔚卫为炜伟巍威微未位魏娟鹃涓军君钧均俊骏峻浚竣丽莉力立利历励黎李理礼里"
+                     "静婧靖敬镜晶京精经菁明铭名鸣茗敏闽民珉闵华桦骅化画桂贵国果芳方昉舫磊蕾垒雷"
+                     "强蔷墙羌洋阳杨扬烊勇永咏泳涛韬滔焘超潮朝巢刚钢岗纲平萍苹凭辉晖徽慧惠")
+
+
+@lru_cache(maxsize=1)
+def _homophones() -> dict[str, tuple[str, ...]]:
+    from pypinyin import lazy_pinyin
+
+    by_sound: dict[str, list[str]] = {}
+    for ch in dict.fromkeys(_HOMOPHONE_POOL):
+        by_sound.setdefault(lazy_pinyin(ch)[0], []).append(ch)
+    return {ch: tuple(o for o in chars if o != ch) for chars in by_sound.values() for ch in chars}
+
+
+def _name_typo(name: str, person: Person, rng: random.Random) -> str:
+    positions = [k for k, ch in enumerate(name) if ch in person.given_name or ch in to_traditional(person.given_name)]
+    if positions:
+        k = rng.choice(positions)
+        options = _homophones().get(name[k]) or tuple(GIVEN_CHARS[person.gender])
+        return name[:k] + rng.choice(options) + name[k + 1:]
+    letters = [k for k, ch in enumerate(name) if ch.isascii() and ch.isalpha()]
+    if len(letters) > 4:
+        k = rng.choice(letters[1:])
+        return name[:k] + name[k + 1:]
+    return name
+
+
+def _digit_typo(phone: str, rng: random.Random) -> str:
+    digits = [k for k, ch in enumerate(phone) if ch.isdigit() and ch.isascii()]
+    if len(digits) < 11:
+        return phone
+    # never the mobile prefix: a typo there makes no number at all, not a wrong one
+    tail = digits[-8:]
+    chars = list(phone)
+    if rng.random() < 0.5:
+        k = rng.randrange(len(tail) - 1)
+        a, b = tail[k], tail[k + 1]
+        chars[a], chars[b] = chars[b], chars[a]
+    else:
+        k = rng.choice(tail)
+        chars[k] = rng.choice([d for d in "0123456789" if d != chars[k]])
+    return "".join(chars)
+
+
+def _email_typo(email: str, rng: random.Random) -> str:
+    at = email.find("@")
+    if at < 3:
+        return email
+    k = rng.randrange(1, at)
+    return email[:k] + email[k + 1:]
 
 
 def _company(name: str, city: str, rng: random.Random) -> str:
@@ -93,12 +153,20 @@ def _record(person: Person, source: str, rng: random.Random) -> dict[str, str | 
         phone = render_phone(person.mobile, rng)
     else:
         phone = None
+    if name and rng.random() < TYPO_RATE:
+        name = _name_typo(name, person, rng)
+    if phone and phone.strip() and person.mobile in "".join(ch for ch in phone if ch.isdigit()) \
+            and rng.random() < TYPO_RATE:
+        phone = _digit_typo(phone, rng)
+    email = render_email(person.email, rng) if captured_email else None
+    if email and rng.random() < TYPO_RATE:
+        email = _email_typo(email, rng)
     company_city = person.company[:2] if person.company[:2] in CITIES else person.city
     return {
         "source": source,
         "name": name,
         "phone": phone,
-        "email": render_email(person.email, rng) if captured_email else None,
+        "email": email,
         "company": _company(person.company, company_city, rng) if rng.random() < profile.company else None,
         "city": _city(person.city, rng) if rng.random() < profile.city else None,
         "person_id": person.person_id,

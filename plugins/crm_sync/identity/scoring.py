@@ -117,7 +117,7 @@ class _Similarity:
 
     def get(self, column: str, scorer: str, n: int, rows: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         from rapidfuzz import process
-        from rapidfuzz.distance import Indel, JaroWinkler
+        from rapidfuzz.distance import DamerauLevenshtein, Indel, JaroWinkler
 
         full = self.cache.setdefault((column, scorer), np.full(n, np.nan, dtype=np.float32))
         todo = rows[np.isnan(full[rows])]
@@ -132,7 +132,8 @@ class _Similarity:
                 keys, inverse = np.unique(lo * width + hi, return_inverse=True)
                 left = self.enc.strings(column, keys // width)
                 right = self.enc.strings(column, keys % width)
-                fn = JaroWinkler.normalized_similarity if scorer == "jaro_winkler" else Indel.normalized_similarity
+                fn = {"jaro_winkler": JaroWinkler.normalized_similarity, "ratio": Indel.normalized_similarity,
+                      "edits": DamerauLevenshtein.distance}[scorer]
                 unique_sims = process.cpdist(left, right, scorer=fn, workers=-1, dtype=np.float32)
                 sims[valid] = np.asarray(unique_sims, dtype=np.float32)[inverse]
             full[todo] = sims
@@ -176,7 +177,12 @@ def field_levels(enc: Encoded, spec: FieldSpec, i: np.ndarray, j: np.ndarray,
             hit = strong[a] & strong[b] & (value[a] != value[b])
         else:
             sims = similarity.get(f"{spec.name}.{spec.attribute_of(level)}", level.when, n, rows, i, j)
-            hit = sims >= np.float32(level.threshold) - np.float32(1e-6)
+            if level.when == "edits":
+                # `sims` holds distances here; a missing attribute on either side never holds
+                codes = enc.codes[f"{spec.name}.{spec.attribute_of(level)}"]
+                hit = (sims <= level.max_edits) & (codes[a] >= 0) & (codes[b] >= 0)
+            else:
+                hit = sims >= np.float32(level.threshold) - np.float32(1e-6)
         out[rows[hit]] = k
         rows = rows[~hit]
     return out
@@ -501,6 +507,19 @@ class Scores:
     @property
     def tf_adjusted(self) -> np.ndarray:
         return self.field_weights(np.arange(len(self.i)))[1]
+
+    def agrees(self, rows: np.ndarray, fields: list[int]) -> np.ndarray:
+        """(rows x fields) bool: the pair's level for the field weighs for a match (m > u).
+
+        Clustering uses it to tell a typo (张三/张叁 on the same mobile, a mobile one digit off)
+        from two different values of a strong field.
+        """
+        out = np.zeros((len(rows), len(fields)), dtype=bool)
+        for c, f in enumerate(fields):
+            spec = self.settings.fields[f]
+            positive = self.params.weight_table(spec.name) > 0   # trailing entry: missing -> False
+            out[:, c] = positive[self.levels[rows, f]]
+        return out
 
     def explain(self, k: int) -> dict[str, Any]:
         """Every field's level and weight for pair k, and how they add up."""

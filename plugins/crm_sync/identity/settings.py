@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Normaliser = Literal["person_name", "phone", "email", "company", "text", "exact"]
 ComparatorType = Literal["name", "identifier", "company", "string", "exact"]
 Predicate = Literal["exact", "pinyin", "surname_only", "conflict", "other_place", "other_extension",
-                   "jaro_winkler", "ratio"]
+                   "jaro_winkler", "ratio", "edits"]
 
 # Attributes each normaliser derives (usable in blocking keys and as a level's `on`).
 # `value` is always the field's comparison value.
@@ -45,6 +45,8 @@ _SPECIAL_PREDICATES: dict[str, set[str]] = {
     "email": {"conflict"},
 }
 _FUZZY = {"jaro_winkler", "ratio"}
+# Predicates that compare two values by similarity (rapidfuzz), whatever the normaliser.
+_SIMILARITY = _FUZZY | {"edits"}
 
 # Default levels per comparator type, with starting m/u values for EM (or for estimate=False when
 # the config gives none). They are deliberately generic: estimation replaces them on real data.
@@ -80,7 +82,7 @@ _DEFAULT_ELSE: dict[str, tuple[float, float]] = {
 _PREDICATE_START: dict[str, tuple[float, float]] = {
     "exact": (0.8, 0.01), "pinyin": (0.1, 0.002), "surname_only": (0.08, 0.01),
     "conflict": (0.03, 0.5), "other_place": (0.01, 0.005), "other_extension": (0.01, 0.001),
-    "jaro_winkler": (0.05, 0.02), "ratio": (0.05, 0.02),
+    "jaro_winkler": (0.05, 0.02), "ratio": (0.05, 0.02), "edits": (0.03, 0.001),
 }
 
 _RE_KEY = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)(?:\.(?P<attr>[A-Za-z_]+))?(?:\[:(?P<n>\d+)\])?$")
@@ -100,6 +102,7 @@ class Level(_Strict):
     name: str = Field(min_length=1)
     when: Predicate
     threshold: float | None = Field(default=None, gt=0, le=1)
+    max_edits: int | None = Field(default=None, ge=1, le=3)   # `edits`: Damerau–Levenshtein distance
     attribute: str | None = None   # attribute compared; default per normaliser/predicate
     m: float | None = Field(default=None, gt=0, lt=1)
     u: float | None = Field(default=None, gt=0, lt=1)
@@ -110,6 +113,11 @@ class Level(_Strict):
         # "exact" | {jaro_winkler: 0.9} | {name: .., when: .., threshold: ..}
         if isinstance(data, str):
             return {"name": data, "when": data}
+        if isinstance(data, dict) and "when" not in data and "edits" in data:
+            data = dict(data)
+            edits = data.pop("edits")
+            data.setdefault("name", f"edits_{edits}")
+            return {**data, "when": "edits", "max_edits": edits}
         if isinstance(data, dict) and "when" not in data:
             found = [k for k in ("jaro_winkler", "ratio") if k in data]
             if len(found) == 1:
@@ -130,6 +138,8 @@ class Level(_Strict):
             raise ValueError(f"level '{self.name}': {self.when} needs a threshold in (0, 1]")
         if self.when not in _FUZZY and self.threshold is not None:
             raise ValueError(f"level '{self.name}': {self.when} takes no threshold")
+        if (self.when == "edits") != (self.max_edits is not None):
+            raise ValueError(f"level '{self.name}': max_edits (1 to 3) goes with the 'edits' predicate only")
         return self
 
 
@@ -167,7 +177,7 @@ class FieldSpec(_Strict):
                              f"(one of {[a for a in ATTRIBUTES[self.normaliser] if a != 'value']})")
         if self.city_column and self.normaliser != "phone":
             raise ValueError("'city_column' only applies to the phone normaliser")
-        allowed = {"exact", "jaro_winkler", "ratio"} | _SPECIAL_PREDICATES.get(self.normaliser, set())
+        allowed = {"exact"} | _SIMILARITY | _SPECIAL_PREDICATES.get(self.normaliser, set())
         for level in self.levels:
             if level.when not in allowed:
                 raise ValueError(
@@ -203,7 +213,7 @@ class FieldSpec(_Strict):
             return ATTRIBUTE_ALIASES.get((self.normaliser, level.attribute), level.attribute)
         if level.when == "pinyin":
             return "pinyin"
-        if level.when in _FUZZY and self.normaliser == "person_name":
+        if level.when in _SIMILARITY and self.normaliser == "person_name":
             return "pinyin"  # fuzzy on readings, so 'Zhang Shan' ~ 张三 and 王伟 ~ 王玮 meet
         return "value"
 
