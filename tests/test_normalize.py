@@ -457,3 +457,12 @@ def test_company_is_idempotent(text):
     again = normalize_company(company.key)
     assert (again.key, again.pinyin) == (company.key, company.pinyin)
     assert company.pinyin == "".join(ch for ch in company.pinyin if ch.isalnum())
+
+
+@pytest.mark.parametrize("raw, surname", [
+    ("Hao Wang", "wang"), ("Wang Hao", "wang"),      # 郝 hao is a surname too, but 王 wang is far commoner
+    ("Jian Feng", "feng"), ("Feng Jian", "feng"),
+    ("Silin Ouyang", "ouyang"),
+])
+def test_latin_name_in_either_order_takes_the_commoner_surname(raw, surname):
+    assert normalize_person_name(raw).surname == surname

@@ -588,13 +588,25 @@ def _latin_words(text: str) -> list[str]:
     return [w for w in _RE_NOT_ASCII_LETTER.split(_ascii_fold(text)) if w]
 
 
+@functools.lru_cache(maxsize=1)
+def _surname_rank() -> dict[str, int]:
+    """Surname reading -> rank of its most common character (`_COMMON_SURNAMES` is by frequency)."""
+    rank: dict[str, int] = {}
+    for position, ch in enumerate(_COMMON_SURNAMES):
+        rank.setdefault(_SURNAME_READINGS.get(ch) or "".join(_lazy_pinyin(ch)), position)
+    for c in _COMPOUND_SURNAMES:
+        rank.setdefault("".join(_han_pinyin(c, True)), len(_COMMON_SURNAMES))
+    return rank
+
+
 def _latin_surname(words: list[str]) -> str | None:
     single, compound = _surname_pinyin()
     if len(words) > 1:
-        for word in (words[0], words[-1]):
-            if word in single or word in compound:
-                return word
-        return None
+        # 'Hao Wang' and 'Wang Hao' both occur (Western order on English forms); when both ends
+        # read as surnames, the far more common one is the surname: wang (王), not hao (郝)
+        found = [w for w in (words[0], words[-1]) if w in single or w in compound]
+        rank = _surname_rank()
+        return min(found, key=lambda w: rank.get(w, len(rank))) if found else None
     if not words:
         return None
     word = words[0]
