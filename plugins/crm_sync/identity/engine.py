@@ -66,7 +66,9 @@ def _record_ids(df: pd.DataFrame, settings: Settings, what: str) -> np.ndarray:
 
 def _featurise(df: pd.DataFrame, settings: Settings, workers: int | None) -> pd.DataFrame:
     if features.has_features(df, settings):
-        return df[features.feature_columns(settings)].reset_index(drop=True)
+        # as is: `features.encode` reads the feature columns by name and rows by position, and
+        # a copy of a large master's feature columns would cost hundreds of MB
+        return df
     return features.build(df, settings, workers=workers)
 
 
@@ -115,7 +117,6 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
         frames.append(_featurise(master_df, settings, workers))
         ids.append(master_ids[keep])
         existing.append(master_df["cluster_id"].astype("string").to_numpy(dtype=object))
-    feats = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     record_ids = np.concatenate(ids)
     existing_ids = np.concatenate(existing)
     n = len(record_ids)
@@ -124,8 +125,9 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
     timings["features"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    enc = features.encode(feats, settings)
-    del feats
+    # encoded as if concatenated: a concatenation would copy every feature column of both frames
+    enc = features.encode(frames, settings)
+    del frames
     blocks = blocking.candidate_pairs(enc, settings, is_master if is_master.any() else None)
     timings["blocking"] = time.perf_counter() - t
 

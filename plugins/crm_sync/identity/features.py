@@ -13,6 +13,7 @@ no such value), plus `f.weak` (person names: only a surname survived) and `f.str
 """
 from __future__ import annotations
 
+import gc
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -135,27 +136,81 @@ _NORMALISE: dict[str, Callable[..., tuple]] = {
 }
 
 
-def _apply_chunk(args: tuple[str, list[Any]]) -> list[tuple]:
-    kind, values = args
+def _normalise_values(kind: str, values: Any, cities: Any = None) -> list[tuple]:
+    """Normalised attributes of `values`, column-wise: one tuple per `_OUTPUTS[kind]` entry."""
     fn = _NORMALISE[kind]
     if kind == "phone":
-        return [fn(raw, city) for raw, city in values]
-    return [fn(v) for v in values]
+        rows = [fn(raw, city) for raw, city in zip(values, cities)]
+    else:
+        rows = [fn(v) for v in values]
+    if not rows:
+        return [() for _ in _OUTPUTS[kind]]
+    return list(zip(*rows))
 
 
-def _normalise_uniques(kind: str, uniques: list[Any], workers: int) -> list[tuple]:
-    if workers <= 1 or len(uniques) < _PARALLEL_MIN_DISTINCT:
-        return _apply_chunk((kind, uniques))
-    import multiprocessing as mp
-
-    size = -(-len(uniques) // (workers * 4))
-    chunks = [(kind, uniques[i:i + size]) for i in range(0, len(uniques), size)]
-    # fork: workers inherit the loaded normalisers and their warm caches
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-        out: list[tuple] = []
-        for part in pool.map(_apply_chunk, chunks):
-            out.extend(part)
+def _worker_chunk(args: tuple[str, Any, Any]) -> list[tuple]:
+    out = _normalise_values(*args)
+    # Every value of a chunk is distinct, so the normaliser's whole-value caches hardly ever
+    # hit here; left alone they fill to their maxsize in every worker (hundreds of MB each).
+    _clear_value_caches()
     return out
+
+
+def _clear_value_caches() -> None:
+    from crm_sync.identity import normalize
+
+    for obj in vars(normalize).values():
+        info = getattr(obj, "cache_info", None)
+        # the large caches hold whole values; the small ones (given names, company words,
+        # loaded tables) repeat across values and stay warm
+        if info is not None and (info().maxsize or 0) > 2**16:
+            obj.cache_clear()
+
+
+# Values per task sent to a worker: bounds what a worker holds (its input, its results, its
+# caches) and what waits in the parent, while keeping the per-task overhead negligible.
+_CHUNK_VALUES = 20_000
+
+
+class _Normaliser:
+    """Normalises distinct values, on worker processes when there are many.
+
+    The workers are forked once, on first need, and serve every field of one `build`. Before
+    forking, the parent's objects are moved out of the garbage collector's sight
+    (`gc.freeze`): a collection in a worker would otherwise write to every inherited container
+    object and so copy most of the parent's heap into each worker.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "_Normaliser":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+            gc.unfreeze()
+
+    def run(self, kind: str, values: Any, cities: Any = None) -> list[tuple]:
+        if self.workers <= 1 or len(values) < _PARALLEL_MIN_DISTINCT:
+            return _normalise_values(kind, values, cities)
+        if self.pool is None:
+            import multiprocessing as mp
+
+            gc.freeze()
+            # fork: workers inherit the loaded normalisers (phone metadata, pinyin tables)
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("fork"))
+        size = min(_CHUNK_VALUES, -(-len(values) // self.workers))
+        chunks = ((kind, values[i:i + size], None if cities is None else cities[i:i + size])
+                  for i in range(0, len(values), size))
+        columns: list[list] = [[] for _ in _OUTPUTS[kind]]
+        for part in self.pool.map(_worker_chunk, chunks):
+            for column, values_part in zip(columns, part):
+                column.extend(values_part)
+        return columns
 
 
 def build(df: pd.DataFrame, settings: Settings, *, workers: int | None = None) -> pd.DataFrame:
@@ -163,35 +218,46 @@ def build(df: pd.DataFrame, settings: Settings, *, workers: int | None = None) -
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     out: dict[str, Any] = {}
     n = len(df)
-    done: dict[tuple, tuple[np.ndarray, list[tuple]]] = {}
-    for spec in settings.fields:
-        # two fields reading the same columns with the same normaliser (mobile / landline of one
-        # phone column) share one normalisation pass
-        source = (spec.normaliser, tuple(spec.source_columns), spec.city_column)
-        if source in done:
-            codes, rows = done[source]
-            _store(out, spec, codes, rows, n)
-            continue
-        raw = _raw_values(df, spec)
-        if spec.normaliser == "phone" and spec.city_column:
-            city = _clean_raw(df[spec.city_column]).reset_index(drop=True)
-            keyed = (raw + "\x1f" + city.fillna("")).where(raw.notna(), None)
-            codes, uniques = pd.factorize(keyed, use_na_sentinel=True)
-            unique_values = [(k.split("\x1f", 1)[0], k.split("\x1f", 1)[1] or None) for k in uniques]
-        else:
-            codes, uniques = pd.factorize(raw, use_na_sentinel=True)
-            unique_values = [(v, None) for v in uniques] if spec.normaliser == "phone" else list(uniques)
-        rows = _normalise_uniques(spec.normaliser, unique_values, workers)
-        done[source] = (codes, rows)
-        _store(out, spec, codes, rows, n)
+    done: dict[tuple, tuple[np.ndarray, list[Any]]] = {}
+    with _Normaliser(workers) as normaliser:
+        for spec in settings.fields:
+            # two fields reading the same columns with the same normaliser (mobile / landline of
+            # one phone column) share one normalisation pass
+            source = (spec.normaliser, tuple(spec.source_columns), spec.city_column)
+            if source in done:
+                codes, columns = done[source]
+                _store(out, spec, codes, columns, n)
+                continue
+            raw = _raw_values(df, spec)
+            cities = None
+            if spec.normaliser == "phone" and spec.city_column:
+                city = _clean_raw(df[spec.city_column]).reset_index(drop=True)
+                keyed = (raw + "\x1f" + city.fillna("")).where(raw.notna(), None)
+                del raw, city
+                codes, uniques = pd.factorize(keyed, use_na_sentinel=True)
+                del keyed
+                split = [k.split("\x1f", 1) for k in uniques]
+                del uniques
+                uniques = [k[0] for k in split]
+                cities = [k[1] or None for k in split]
+                del split
+            else:
+                codes, uniques = pd.factorize(raw, use_na_sentinel=True)
+                uniques = np.asarray(uniques, dtype=object)
+                del raw
+                if spec.normaliser == "phone":
+                    cities = [None] * len(uniques)
+            columns = normaliser.run(spec.normaliser, uniques, cities)
+            del uniques, cities
+            done[source] = (codes, columns)
+            _store(out, spec, codes, columns, n)
     return pd.DataFrame(out, index=pd.RangeIndex(n))
 
 
-def _store(out: dict[str, Any], spec: FieldSpec, codes: np.ndarray, rows: list[tuple], n: int) -> None:
+def _store(out: dict[str, Any], spec: FieldSpec, codes: np.ndarray, columns: list[Any], n: int) -> None:
     names = _OUTPUTS[spec.normaliser]
     per_unique: dict[str, np.ndarray] = {}
-    for pos, attr in enumerate(names):
-        column = [r[pos] for r in rows]
+    for attr, column in zip(names, columns):
         if attr in ("present", "weak", "strong_kind"):
             arr = np.append(np.array(column, dtype=bool), False)
         else:
