@@ -222,7 +222,8 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
 
     # ---- outputs
     t = time.perf_counter()
-    review_rows = np.flatnonzero(review_band & (root[blocks.i] != root[blocks.j]))
+    same = _same_root(root, blocks.i, blocks.j)
+    review_rows = np.flatnonzero(review_band & ~same)
     refused_rows = np.array([edges[e] for e, _ in result.refused], dtype=np.int64)
     refused_reason = {int(edges[e]): reason for e, reason in result.refused}
     all_review = np.union1d(review_rows, refused_rows)
@@ -238,22 +239,24 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
     cluster_ids, merges = _name_clusters(root, record_ids, existing_ids, result, blocks, edges, scores, n_batch)
 
     # best pair per batch record: inside its cluster, else its best review pair, else any pair
-    in_review = np.zeros(len(prob), dtype=bool)
-    in_review[all_review] = True
-    rank = np.where(root[blocks.i] == root[blocks.j], 2, np.where(in_review, 1, 0))
+    # (int8 and per-side row lists: on a bulk run these arrays have one entry per candidate pair)
+    rank = np.zeros(len(prob), dtype=np.int8)
+    rank[all_review] = 1
+    rank[same] = 2
+    del same
     # rank dominates (2 * rank > any probability), then probability; ties: the first pair row
     score = 2.0 * rank + prob
     best_score = np.full(n_batch, -np.inf)
     best_row = np.full(n_batch, np.iinfo(np.int64).max, dtype=np.int64)
-    pair_rows = np.arange(len(prob), dtype=np.int64)
     for side in (blocks.i, blocks.j):
-        on_batch = side < n_batch
-        np.maximum.at(best_score, side[on_batch], score[on_batch])
+        rows = np.flatnonzero(side < n_batch)
+        np.maximum.at(best_score, side[rows], score[rows])
     for side in (blocks.i, blocks.j):
-        on_batch = side < n_batch
-        rec, rows = side[on_batch], pair_rows[on_batch]
-        hit = score[on_batch] == best_score[rec]
+        rows = np.flatnonzero(side < n_batch)
+        rec = side[rows]
+        hit = score[rows] == best_score[rec]
         np.minimum.at(best_row, rec[hit], rows[hit])
+        del rows, rec, hit
     best_row[best_row == np.iinfo(np.int64).max] = -1
     has_pair = best_row >= 0
     best_rank = np.full(n_batch, -1, dtype=np.int64)
@@ -262,7 +265,7 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
     own = np.arange(n_batch)[has_pair]
     pi, pj = blocks.i[best_row[has_pair]], blocks.j[best_row[has_pair]]
     best_other[has_pair] = np.where(pi == own, pj, pi)
-    del score, rank, pair_rows
+    del score, rank
 
     sizes = np.bincount(root, minlength=n)
     multi = sizes[root[:n_batch]] > 1
@@ -319,6 +322,14 @@ def _group_min(groups: np.ndarray, values: np.ndarray) -> pd.Series:
     best = np.full(len(group_uniques), np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(best, group_codes, codes)
     return pd.Series(np.asarray(uniques, dtype=object)[best], index=group_uniques)
+
+
+def _same_root(root: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 2_000_000) -> np.ndarray:
+    """root[i] == root[j] per pair, gathered in chunks (two int64 gathers per pair otherwise)."""
+    out = np.empty(len(i), dtype=bool)
+    for start in range(0, len(i), chunk):
+        np.equal(root[i[start:start + chunk]], root[j[start:start + chunk]], out=out[start:start + chunk])
+    return out
 
 
 def _comparable(n_batch: int, n_master: int) -> int:

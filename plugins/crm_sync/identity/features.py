@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -77,6 +78,8 @@ def _person_name(raw: str) -> tuple:
             # The surname's reading, so a Han '王先生' and a Latin 'Wang Wei' can meet.
             k = len(n.surname)
             surname = "".join(n.pinyin_tokens[:k]) or n.surname
+        # few distinct surnames, domains and places over millions of values: one string each
+        surname = sys.intern(surname)
     weak = bool(n.surname_only)
     key = n.pinyin or None
     # A surname-only name is a hint, not a name: it takes part only in the surname_only level.
@@ -104,7 +107,7 @@ def _email(raw: str) -> tuple:
         return (False, False, None, None, None, None)
     personal = not e.generic
     return (True, personal, e.email, e.email if personal else None, None if personal else e.email,
-            e.email.rsplit("@", 1)[1])
+            sys.intern(e.email.rsplit("@", 1)[1]))
 
 
 def _company(raw: str) -> tuple:
@@ -115,7 +118,8 @@ def _company(raw: str) -> tuple:
         return (False, None, None, None, None)
     # The key drops the city ('北京华信科技' -> '华信科技') so that spellings meet; `located` keeps
     # it when the name states one, because the same trade name in two cities is often two firms.
-    return (True, c.key, c.pinyin or None, c.city, f"{c.key}@{c.city}" if c.city else None)
+    return (True, c.key, c.pinyin or None, sys.intern(c.city) if c.city else c.city,
+            f"{c.key}@{c.city}" if c.city else None)
 
 
 def _text(raw: str) -> tuple:
