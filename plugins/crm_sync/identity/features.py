@@ -188,6 +188,7 @@ class _Normaliser:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
+        self.unfreeze = False
 
     def __enter__(self) -> "_Normaliser":
         return self
@@ -196,7 +197,8 @@ class _Normaliser:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
-            gc.unfreeze()
+            if self.unfreeze:
+                gc.unfreeze()
 
     def run(self, kind: str, values: Any, cities: Any = None) -> list[tuple]:
         if self.workers <= 1 or len(values) < _PARALLEL_MIN_DISTINCT:
@@ -204,6 +206,8 @@ class _Normaliser:
         if self.pool is None:
             import multiprocessing as mp
 
+            # a caller that froze objects itself (a forking task runner) keeps them frozen
+            self.unfreeze = gc.get_freeze_count() == 0
             gc.freeze()
             # fork: workers inherit the loaded normalisers (phone metadata, pinyin tables)
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("fork"))
