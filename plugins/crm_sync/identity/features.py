@@ -154,8 +154,9 @@ def _normalise_values(kind: str, values: Any, cities: Any = None) -> list[tuple]
 
 def _worker_chunk(args: tuple[str, Any, Any]) -> list[tuple]:
     out = _normalise_values(*args)
-    # Every value of a chunk is distinct, so the normaliser's whole-value caches hardly ever
-    # hit here; left alone they fill to their maxsize in every worker (hundreds of MB each).
+    # The values sent to workers are distinct, so entries the normaliser's whole-value caches
+    # keep from one chunk are not asked for again; left alone, those caches fill to their
+    # maxsize in every worker (hundreds of MB each).
     _clear_value_caches()
     return out
 
