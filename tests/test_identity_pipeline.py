@@ -84,7 +84,7 @@ ERP_1 = {"customers": [
 ]}
 TICKETING_1 = {"users": [
     user("U1", "Zhang San", phone="+86 13800138000", org="华信科技（北京）有限公司"),
-    user("U2", "李娜", org="上海申达贸易有限公司"),
+    user("U2", "Li Na", org="上海申达贸易有限公司"),      # same reading and firm: review
     user("U3", "Zhou Jie", org="杭州星辰科技有限公司"),   # same reading and firm, nothing else: review
     user("U6", "王伟", phone="139 1111 2222", email="wangwei@qq.com"),
 ]}
@@ -234,7 +234,7 @@ def test_same_decision_merges_on_the_next_run(dsn, conn):
         cur.execute("select full_name, email from crm.customer where customer_id = %s", (survivor,))
         assert cur.fetchone() == ("李娜", "lina@163.com")
     # a record of the absorbed customer arriving again lands on the survivor
-    run(dsn, "ticketing", "tk-4", {"users": [user("U2", "李娜", org="上海申达贸易有限公司", day=4)]})
+    run(dsn, "ticketing", "tk-4", {"users": [user("U2", "Li Na", org="上海申达贸易有限公司", day=4)]})
     with conn.cursor() as cur:
         assert customer_of(cur, "ticketing", "U2") == survivor
 
@@ -271,7 +271,7 @@ def test_different_after_a_merge_splits_the_later_record(dsn, conn):
         cur.execute("select match_rule from crm.customer_link where source = 'ticketing' and source_id = 'U2'")
         assert cur.fetchone()[0] == "steward_split"
         cur.execute("select full_name, merged_into from crm.customer where customer_id = %s", (split_id,))
-        assert cur.fetchone() == ("李娜", None)
+        assert cur.fetchone() == ("Li Na", None)
         cur.execute("select email from crm.customer where customer_id = %s", (merged,))
         assert cur.fetchone()[0] == "lina@163.com"
     # remembered: the ticketing record coming again stays on its own customer, and nobody is asked again

@@ -139,6 +139,10 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
         model = params
     else:
         model = scoring.Params.from_settings(settings)
+        if settings.matches_per_record is not None:
+            model.prior = settings.prior_for(n)
+            model.origin["prior"] = (f"config: min(prior, matches_per_record {settings.matches_per_record:g}"
+                                     f" / ({n} records - 1))")
         if estimate and n >= settings.estimation.min_records and len(blocks):
             sample = scoring.sample_u(enc, settings)
             model = scoring.estimate_u(sample, model)

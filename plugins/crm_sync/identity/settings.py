@@ -287,8 +287,20 @@ class Settings(_Strict):
     max_block_size: int = Field(default=200, ge=2)
     thresholds: Thresholds
     prior: float | None = Field(default=None, gt=0, lt=1)
+    # Other records of the same person per record. A random pair's chance of being a match falls
+    # as the population grows (one person's few records among ever more others), so without
+    # estimation the prior is min(prior, matches_per_record / (records - 1)): a fixed prior taken
+    # from a 20k sample would let a rare name alone merge against a master of millions.
+    matches_per_record: float | None = Field(default=None, gt=0)
     estimation: Estimation = Field(default_factory=Estimation)
     source: str | None = Field(default=None, exclude=True)
+
+    def prior_for(self, records: int) -> float | None:
+        """The prior for a run over `records` records (batch and master) when nothing is estimated."""
+        if self.matches_per_record is None:
+            return self.prior
+        scaled = min(0.5, self.matches_per_record / max(records - 1, 1))
+        return scaled if self.prior is None else min(self.prior, scaled)
 
     def tf_columns(self) -> list[str]:
         """Feature columns (`field.attribute`) whose values carry term frequencies, each once, in field order."""

@@ -100,6 +100,8 @@ def to_traditional(text: str) -> str:
 
 
 def _companies(rng: random.Random, count: int) -> list[Company]:
+    # there are only so many distinct "city + word + kind" names: a big pool shares them out
+    count = min(count, len(CITIES) * len(_COMPANY_WORDS) * len(_COMPANY_KINDS))
     companies: list[Company] = []
     seen: set[str] = set()
     while len(companies) < count:
