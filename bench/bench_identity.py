@@ -194,7 +194,47 @@ def quality(records: int, seed: int, settings) -> None:
     line("oversized blocks skipped", f"{sum(res.stats['skipped_blocks'].values()):,}")
     line("estimated prior (random pair)", f"{res.params.prior:.3g}")
     line("resolve seconds", f"{seconds:.1f}")
+    ceilings(inputs, labels, settings, sc)
     return res
+
+
+def _components_f1(n: int, i: np.ndarray, j: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    return pairwise(connected_components(graph, directed=False)[1], labels)
+
+
+def ceilings(inputs: pd.DataFrame, labels: np.ndarray, settings, sc) -> None:
+    """What the records allow, from the truth labels: how far the F1 target is reachable at all.
+
+    - candidate oracle: merge exactly the true pairs among the candidate pairs (a perfect scorer
+      on this blocking);
+    - evidence oracle: merge exactly the true pairs whose records agree on some field besides the
+      person's name (mobile, e-mail, landline, company, city: any non-name field of the config);
+      the rest of the true pairs share a name reading at most, which different people share too.
+    """
+    n = len(labels)
+    same = labels[sc.i] == labels[sc.j]
+    cp, cr, cf = _components_f1(n, sc.i[same], sc.j[same], labels)
+    order = pd.Series(np.arange(n)).groupby(labels).agg(list)
+    pairs = [(a, b) for members in order if len(members) > 1
+             for x, a in enumerate(members) for b in members[x + 1:]]
+    i, j = (np.array(v, dtype=np.int64) for v in zip(*pairs))
+    feats = features.build(inputs, settings)
+    beyond_name = np.zeros(len(i), dtype=bool)
+    for spec in settings.fields:
+        if spec.normaliser == "person_name":
+            continue
+        values = feats[f"{spec.name}.value"].to_numpy(dtype=object)
+        a, b = values[i], values[j]
+        beyond_name |= pd.notna(a) & pd.notna(b) & (a == b)
+    ep, er, ef = _components_f1(n, i[beyond_name], j[beyond_name], labels)
+    print("  ceilings (from the truth labels; no matcher can see them):")
+    line("true pairs sharing only a name or nothing", f"{1 - beyond_name.mean():.4f}")
+    line("evidence oracle F1 (recall)", f"{ef:.4f} ({er:.4f})")
+    line("candidate oracle F1 (recall)", f"{cf:.4f} ({cr:.4f})")
 
 
 def big_people(n: int, seed: int, offset: int = 0) -> pd.DataFrame:
