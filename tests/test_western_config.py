@@ -228,9 +228,6 @@ def test_crm_sync_match_on_a_western_csv(population, tmp_path, capsys):
     assert len(found & true) / max(1, len(true)) >= 0.95
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="features._clean_raw leaves pd.NA (not None) for blanks, so joining "
-                          "`columns: [given_name, surname]` fails when one part is missing")
 def test_a_name_over_two_columns_with_a_blank_part(settings):
     doc = {"fields": [{"name": "full_name", "columns": ["given_name", "surname"], "normaliser": "text",
                        "comparator": {"type": "string"}}],

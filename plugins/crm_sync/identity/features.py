@@ -31,7 +31,8 @@ _PARALLEL_MIN_DISTINCT = 40_000
 
 def _clean_raw(values: pd.Series) -> pd.Series:
     text = values.astype("string").str.strip()
-    return text.mask(text.isna() | (text == ""), None).astype(object)
+    # None, not pd.NA, for blanks: multi-column fields join their parts with `v is not None`
+    return text.astype(object).where(text.notna() & (text != ""), None)
 
 
 def _raw_values(df: pd.DataFrame, spec: FieldSpec) -> pd.Series:
