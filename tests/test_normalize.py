@@ -199,6 +199,88 @@ def test_one_field_with_several_numbers_reports_the_strongest():
     assert normalize_phone("12345 / 010-87654321转8").extension == "8"
 
 
+def _full_parse(text, region):
+    """What `_parse` did before its plain-mobile shortcut: parse, validate, then type."""
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return (number, phonenumbers.number_type(number)) if phonenumbers.is_valid_number(number) else None
+
+
+@pytest.mark.parametrize(("text", "shortcut", "e164"), [
+    ("13800138000", True, MOBILE),
+    ("+86 138 0013 8000", True, MOBILE),
+    ("+86-138-0013-8000", True, MOBILE),
+    ("+8613800138000", True, MOBILE),
+    ("0086 13800138000", True, MOBILE),
+    ("0086-138-0013-8000", True, MOBILE),
+    ("138 0013 8000", True, MOBILE),
+    ("138-0013-8000", True, MOBILE),
+    ("14512345678", True, "+8614512345678"),
+    ("16101234567", True, "+8616101234567"),    # 1610 is mobile although 160 is not
+    ("17400012345", True, "+8617400012345"),
+    ("19912345678", True, "+8619912345678"),
+    # shaped like a mobile, not a valid one: the shortcut must still say invalid
+    ("10012345678", True, None),
+    ("11012345678", True, None),
+    ("12012345678", True, None),
+    ("12593123456", True, None),                # starts like carrier code 12593
+    ("14012345678", True, None),
+    ("16012345678", True, None),
+    ("17406012345", True, None),
+    ("17951234567", True, None),                # starts like carrier code 17951
+    # not for the shortcut: the full parse decides
+    ("1380013800", False, None),                # 10 digits
+    ("138001380001", False, None),              # 12 digits
+    ("1795113800138000", False, MOBILE),        # carrier code 17951 + mobile
+    ("86 13800138000", False, MOBILE),
+    ("8613800138000", False, MOBILE),
+    ("(+86)138 0013 8000", False, MOBILE),
+    ("+86 0138 0013 8000", False, MOBILE),
+    ("+86 138  0013 8000", False, MOBILE),
+    ("138.0013.8000", False, MOBILE),
+    ("１３８００１３８０００", False, MOBILE),
+    ("١٣٨٠٠١٣٨٠٠٠", False, MOBILE),            # Arabic-Indic digits
+    ("138٠٠١٣٨٠٠٠", False, MOBILE),             # mixed: \d would take it, the shortcut's [0-9] does not
+    ("138 0013 8000 ext 12", False, MOBILE),
+    ("010-87654321", False, BEIJING_LINE),
+    ("+852 6123 4567", False, "+85261234567"),
+])
+def test_plain_mobile_shortcut_agrees_with_the_full_parse(text, shortcut, e164):
+    from crm_sync.identity.normalize import _RE_PLAIN_CN_MOBILE, _parse
+
+    assert (_RE_PLAIN_CN_MOBILE.fullmatch(text) is not None) == shortcut
+    parsed = _parse(text, "CN")
+    assert parsed == _full_parse(text, "CN")
+    assert (parsed and phonenumbers.format_number(parsed[0], phonenumbers.PhoneNumberFormat.E164)) == e164
+    # the shortcut is for region CN only
+    assert _parse(text, "HK") == _full_parse(text, "HK")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.from_regex(r"(\+86[ -]?|0086[ -]?)?1[0-9]{2}[ -]?[0-9]{4}[ -]?[0-9]{4}", fullmatch=True))
+def test_every_plain_mobile_spelling_parses_as_phonenumbers_does(text):
+    from crm_sync.identity.normalize import _parse
+
+    assert _parse(text, "CN") == _full_parse(text, "CN")
+
+
+def test_phonenumbers_metadata_makes_unknown_type_mean_invalid():
+    # _parse types a number once instead of is_valid_number + number_type. Both use the metadata of
+    # region_code_for_number(n); is_valid_number also requires that region's country code to be
+    # n's, which holds for every region the library can return, so invalid == type UNKNOWN.
+    from phonenumbers.phonemetadata import PhoneMetadata
+    from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE, REGION_CODE_FOR_NON_GEO_ENTITY
+
+    for country_code, regions in COUNTRY_CODE_TO_REGION_CODE.items():
+        for region in regions:
+            assert region == region.upper()
+            metadata = PhoneMetadata.metadata_for_region(region, None)
+            if region != REGION_CODE_FOR_NON_GEO_ENTITY and metadata is not None:
+                assert metadata.country_code == country_code, region
+
+
 # --------------------------------------------------------------------------- area codes
 
 def test_area_code_for_city():

@@ -267,6 +267,12 @@ _RE_HAS_AREA_CODE = re.compile(r"^\s*(?:\+|\(\s*\+|\(?\s*0)")
 _RE_PHONE_SPLIT = re.compile(r"[/;,、|\n\r]|或")
 _RE_LOCAL_ONLY = re.compile(r"[2-9]\d{6,7}")
 _RE_CN_MOBILE = re.compile(r"1[3-9]\d{9}")
+# Most mobiles arrive as 11 ASCII digits, maybe after +86 / 0086, maybe grouped 3-4-4. For these
+# phonenumbers.parse, the costliest step, can only return country code 86 and the digits with
+# nothing else set (stripping a CN carrier code would leave 6 digits, too few, so it never
+# applies), so `_parse` builds that number itself. Other digit scripts and spellings take the full
+# parse; tests/test_normalize.py checks that both agree.
+_RE_PLAIN_CN_MOBILE = re.compile(r"(?:\+86[ -]?|0086[ -]?)?(1[0-9]{2})[ -]?([0-9]{4})[ -]?([0-9]{4})")
 _NULL_WORDS = frozenset({"none", "null", "nil", "na", "n/a", "无", "暂无", "空", "未知", "unknown"})
 _KIND_RANK = {"mobile": 0, "landline": 1, "other": 2, "invalid": 3, "empty": 4}
 
@@ -275,16 +281,24 @@ def _is_blank(text: str) -> bool:
     return not any(ch.isalnum() for ch in text) or text.lower() in _NULL_WORDS
 
 
-def _parse(text: str, region: str) -> phonenumbers.PhoneNumber | None:
-    try:
-        number = phonenumbers.parse(text, region)
-    except NumberParseException:
-        return None
-    return number if phonenumbers.is_valid_number(number) else None
-
-
-def _kind(number: phonenumbers.PhoneNumber) -> str:
+def _parse(text: str, region: str) -> tuple[phonenumbers.PhoneNumber, int] | None:
+    """(number, its PhoneNumberType) when `text` is a valid number, else None."""
+    plain = _RE_PLAIN_CN_MOBILE.fullmatch(text) if region == "CN" else None
+    if plain:
+        number = phonenumbers.PhoneNumber(country_code=86, national_number=int("".join(plain.groups())))
+    else:
+        try:
+            number = phonenumbers.parse(text, region)
+        except NumberParseException:
+            return None
+    # is_valid_number(n) is number_type(n) != UNKNOWN: both match n against the metadata of
+    # region_code_for_number(n); is_valid_number's extra check that the region's country code is
+    # n's can only fail for inconsistent metadata. Typing once halves the pattern matching.
     kind = phonenumbers.number_type(number)
+    return None if kind == PhoneNumberType.UNKNOWN else (number, kind)
+
+
+def _kind(number: phonenumbers.PhoneNumber, kind: int) -> str:
     if kind == PhoneNumberType.MOBILE:
         return "mobile"
     if kind == PhoneNumberType.FIXED_LINE:
@@ -296,20 +310,22 @@ def _kind(number: phonenumbers.PhoneNumber) -> str:
     return "other"
 
 
-def _dash_extension(text: str, default_region: str) -> tuple[phonenumbers.PhoneNumber | None, str | None, str]:
-    """(number, extension, text) for 'AREA-NUMBER-EXT'; (None, None, text) unless the part before
-    the last dash is a complete, valid landline with its area code. A bare local number or a
-    mobile followed by '-299' is not split: which digits belong where would be a guess."""
+def _dash_extension(text: str, default_region: str) -> tuple[tuple[phonenumbers.PhoneNumber, int] | None,
+                                                              str | None, str]:
+    """(parsed, extension, text) for 'AREA-NUMBER-EXT', `parsed` as `_parse` returns it;
+    (None, None, text) unless the part before the last dash is a complete, valid landline with its
+    area code. A bare local number or a mobile followed by '-299' is not split: which digits
+    belong where would be a guess."""
     found = _RE_DASH_EXTENSION.search(text)
     if not found or found.start() == 0:
         return None, None, text
     main = text[: found.start()]
     if not _RE_HAS_AREA_CODE.match(main):
         return None, None, text
-    number = _parse(main, default_region)
-    if number is None or _kind(number) != "landline":
+    parsed = _parse(main, default_region)
+    if parsed is None or _kind(*parsed) != "landline":
         return None, None, text
-    return number, found.group(1), main
+    return parsed, found.group(1), main
 
 
 def _one_phone(raw: str, city: str | None, default_region: str) -> Phone:
@@ -320,22 +336,23 @@ def _one_phone(raw: str, city: str | None, default_region: str) -> Phone:
     found = _RE_EXTENSION.search(text)
     if found and found.start() > 0:
         extension, text = found.group(1), text[: found.start()]
-    number = _parse(text, default_region)
-    if number is None and extension is None:
-        number, extension, text = _dash_extension(text, default_region)
-    if number is None and city and "+" not in text:
+    parsed = _parse(text, default_region)
+    if parsed is None and extension is None:
+        parsed, extension, text = _dash_extension(text, default_region)
+    if parsed is None and city and "+" not in text:
         digits = "".join(ch for ch in text if ch.isdigit())
         # Only a bare local number (7-8 digits, no trunk 0, not a mobile) may borrow the area code.
         area = area_code_for_city(city) if _RE_LOCAL_ONLY.fullmatch(digits) else None
         if area:
-            number = _parse(f"0{area}{digits}", "CN")
+            parsed = _parse(f"0{area}{digits}", "CN")
             # the area code was borrowed for a landline; anything else it produced is an accident
-            if number is not None and _kind(number) != "landline":
-                number = None
-    if number is None:
+            if parsed is not None and _kind(*parsed) != "landline":
+                parsed = None
+    if parsed is None:
         return Phone(raw, None, "invalid", extension, None)
+    number = parsed[0]
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    return Phone(raw, e164, _kind(number), extension or number.extension or None,
+    return Phone(raw, e164, _kind(*parsed), extension or number.extension or None,
                  phonenumbers.region_code_for_number(number))
 
 
