@@ -209,6 +209,42 @@ def test_incremental_run_picks_up_changes_and_retries_5xx(stack):
     assert marks_after[("ticketing", "users")] > marks_before[("ticketing", "users")]
 
 
+def test_a_steward_decision_is_applied_by_the_next_dag_run_and_ids_stay(stack):
+    from crm_sync.identity import apply as identity_apply
+
+    items = stack.crm("""select review_id, source_a, source_id_a, source_b, source_id_b,
+                                customer_a::text, customer_b::text
+                         from crm.review_item where status = 'open' and customer_a <> customer_b
+                         order by probability desc, review_id""")
+    assert items, "the sample sources put some cross-source pairs in the review band"
+    review_id, sa, ia, sb, ib, ca, cb = items[0]
+    conn = db.connect(stack.dsn)
+    try:
+        with conn.cursor() as cur:
+            identity_apply.decide(cur, review_id, "same", by="steward.test", note="integration")
+        conn.commit()
+    finally:
+        conn.close()
+    before = {(s, i): str(c) for s, i, c in stack.snapshot()["links"]}
+    stack.api.reset()
+    stack.api.set_faults(error_every=0, rate_limit_every=0)
+    assert stack.run("ticketing") == 0, stack.last_log.read_text()[-4000:]
+    after = {(s, i): str(c) for s, i, c in stack.snapshot()["links"]}
+    survivor, absorbed = sorted([ca, cb])
+    assert after[(sa, ia)] == after[(sb, ib)] == survivor
+    assert stack.one("select merged_into::text from crm.customer where customer_id = %s", (absorbed,)) == survivor
+    status, applied = stack.crm("select status, applied_run_id from crm.review_item where review_id = %s",
+                                (review_id,))[0]
+    assert status == "same" and applied == stack.last_run("ticketing")["run_id"]
+    # only the absorbed customer's records moved; every other record kept its customer id
+    moved = {k for k in before if after.get(k) != before[k]}
+    assert moved and all(before[k] == absorbed and after[k] == survivor for k in moved)
+    # the decided pair is never asked again
+    assert stack.one("""select count(*) from crm.review_item where status = 'open'
+                        and ((source_id_a, source_id_b) = (%s, %s) or (source_id_a, source_id_b) = (%s, %s))""",
+                     (ia, ib, ib, ia)) == 0
+
+
 def test_bad_batch_is_blocked_quarantined_and_alerted(stack):
     before = stack.snapshot()
     mails = set(stack.mails())
