@@ -324,6 +324,8 @@ def print_params(records: int, seed: int, settings) -> None:
     res = engine.resolve(df.drop(columns=["person_id"]), settings, estimate=True, explain=False)
     doc = res.params.to_dict(settings)
     print(f"prior: {doc['prior']:.3g}")
+    # the same estimate per record, which the engine scales to any population (settings.prior_for)
+    print(f"matches_per_record: {doc['prior'] * (len(df) - 1):.3g}")
     for name, levels in doc["fields"].items():
         print(f"{name}:")
         for level, mu in levels.items():
