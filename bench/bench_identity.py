@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 from crm_sync.identity import blocking, clustering, engine, evalset, features  # noqa: E402
 from crm_sync.identity.settings import load_settings  # noqa: E402
 from crm_sync.simulators.people import CITIES, SURNAME_WEIGHTS  # noqa: E402
+from metrics import components, pairwise  # noqa: E402  (bench/metrics.py, beside this script)
 
 CONFIG = ROOT / "include" / "match" / "customer.yaml"
 
@@ -130,20 +131,6 @@ class TreeMemory:
         return self.pss, self.rss
 
 
-def pairwise(clusters: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
-    frame = pd.DataFrame({"c": clusters, "t": labels})
-
-    def pairs(sizes: pd.Series) -> int:
-        s = sizes.to_numpy(np.int64)
-        return int((s * (s - 1) // 2).sum())
-
-    tp = pairs(frame.groupby(["c", "t"]).size())
-    predicted, true = pairs(frame.groupby("c").size()), pairs(frame.groupby("t").size())
-    p = tp / predicted if predicted else 1.0
-    r = tp / true if true else 1.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
 def exact_key_baseline(df: pd.DataFrame, settings) -> np.ndarray:
     """The foundation matcher: same normalised mobile or same personal e-mail, transitively."""
     enc = features.encode(features.build(df, settings), settings)
@@ -198,14 +185,6 @@ def quality(records: int, seed: int, settings) -> None:
     return res
 
 
-def _components_f1(n: int, i: np.ndarray, j: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
-    return pairwise(connected_components(graph, directed=False)[1], labels)
-
-
 def ceilings(inputs: pd.DataFrame, labels: np.ndarray, settings, sc) -> None:
     """What the records allow, from the truth labels: how far the F1 target is reachable at all.
 
@@ -217,7 +196,7 @@ def ceilings(inputs: pd.DataFrame, labels: np.ndarray, settings, sc) -> None:
     """
     n = len(labels)
     same = labels[sc.i] == labels[sc.j]
-    cp, cr, cf = _components_f1(n, sc.i[same], sc.j[same], labels)
+    _, cr, cf = pairwise(components(n, sc.i[same], sc.j[same]), labels)
     order = pd.Series(np.arange(n)).groupby(labels).agg(list)
     pairs = [(a, b) for members in order if len(members) > 1
              for x, a in enumerate(members) for b in members[x + 1:]]
@@ -230,7 +209,7 @@ def ceilings(inputs: pd.DataFrame, labels: np.ndarray, settings, sc) -> None:
         values = feats[f"{spec.name}.value"].to_numpy(dtype=object)
         a, b = values[i], values[j]
         beyond_name |= pd.notna(a) & pd.notna(b) & (a == b)
-    ep, er, ef = _components_f1(n, i[beyond_name], j[beyond_name], labels)
+    _, er, ef = pairwise(components(n, i[beyond_name], j[beyond_name]), labels)
     print("  ceilings (from the truth labels; no matcher can see them):")
     line("true pairs sharing only a name or nothing", f"{1 - beyond_name.mean():.4f}")
     line("evidence oracle F1 (recall)", f"{ef:.4f} ({er:.4f})")

@@ -30,13 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
 from crm_sync.identity.offline import match_csv  # noqa: E402
+from metrics import components, pair_count, pairwise  # noqa: E402  (bench/metrics.py, beside this script)
 
 CONFIG = ROOT / "include" / "match" / "febrl.yaml"
 DATA_DIR = ROOT / ".local" / "bench-data"
@@ -79,20 +78,6 @@ def truth(record_ids: pd.Series) -> np.ndarray:
     return found.to_numpy()
 
 
-def pair_count(sizes: pd.Series) -> int:
-    s = sizes.to_numpy(np.int64)
-    return int((s * (s - 1) // 2).sum())
-
-
-def pairwise(clusters: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
-    frame = pd.DataFrame({"c": clusters, "t": labels})
-    tp = pair_count(frame.groupby(["c", "t"]).size())
-    predicted, true = pair_count(frame.groupby("c").size()), pair_count(frame.groupby("t").size())
-    p = tp / predicted if predicted else 1.0
-    r = tp / true if true else 1.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
 def exact_key_baseline(df: pd.DataFrame) -> np.ndarray:
     """Connected components over 'same soc_sec_id' and 'same surname + date_of_birth'."""
     n = len(df)
@@ -105,9 +90,7 @@ def exact_key_baseline(df: pd.DataFrame) -> np.ndarray:
         first = pd.Series(ok).groupby(codes[ok]).transform("first").to_numpy()
         rows.append(ok)
         cols.append(first)
-    i, j = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+    return components(n, np.concatenate(rows), np.concatenate(cols))
 
 
 def run(name: str, df: pd.DataFrame, config: Path, workdir: Path) -> dict[str, float]:

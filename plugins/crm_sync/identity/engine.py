@@ -328,7 +328,7 @@ def _group_min(groups: np.ndarray, values: np.ndarray) -> pd.Series:
     return pd.Series(np.asarray(uniques, dtype=object)[best], index=group_uniques)
 
 
-def _same_root(root: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 2_000_000) -> np.ndarray:
+def _same_root(root: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = scoring.CHUNK_PAIRS) -> np.ndarray:
     """root[i] == root[j] per pair, gathered in chunks (two int64 gathers per pair otherwise)."""
     out = np.empty(len(i), dtype=bool)
     for start in range(0, len(i), chunk):
