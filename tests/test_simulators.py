@@ -357,9 +357,9 @@ def test_fetch_pages_gets_everything_through_rate_limits(api):
     waits: list[float] = []
     stats = CallStats()
     with requests.Session() as session:
-        pages = list(fetch_pages(session, api.base_url, api.token, "/api/v2/users", source="ticketing",
-                                 stream="users", since=None, until=NOW, options=HttpOptions(page_size=20),
-                                 stats=stats, sleep=waits.append))
+        pages = list(fetch_pages(session, api.base_url, "/api/v2/users", options=HttpOptions(page_size=20),
+                                 login=None, password=api.token, source="ticketing", stream="users",
+                                 since=None, until=NOW, stats=stats, sleep=waits.append))
     assert sorted(r["id"] for page in pages for r in page) == sorted(u["id"] for u in api.store.users)
     server_counts = api.stats()["by_endpoint"]["/api/v2/users"]
     assert stats.by_status == server_counts and server_counts["429"] == len(waits) > 0

@@ -17,15 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from crm_sync import paths
 
-FieldType = Literal["text", "int", "numeric", "date", "timestamptz", "bool"]
-Entity = Literal["customer", "order", "ticket"]
-
-# Target columns each entity accepts from a mapping (the CRM model).
-ENTITY_FIELDS: dict[str, set[str]] = {
-    "customer": {"full_name", "company", "city", "source_created_at", "source_updated_at"},
-    "order": {"source_customer_id", "order_date", "amount", "currency", "status", "source_updated_at"},
-    "ticket": {"source_customer_id", "subject", "status", "priority", "source_created_at", "source_updated_at"},
-}
+FieldType = Literal["text", "int", "numeric", "money", "date", "timestamptz", "bool", "phone", "json"]
+Entity = Literal["customer", "order", "ticket", "interaction", "invoice", "payment", "contract"]
 
 
 class ConfigError(ValueError):
@@ -36,12 +29,49 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class Pick(_Strict):
+    """Take the value from one of several fields, chosen by another field's value (e.g. the
+    customer's number is the caller of an inbound call and the callee of an outbound one)."""
+
+    field: str = Field(min_length=1)
+    cases: dict[str, str] = Field(min_length=1)
+
+
 class FieldMap(_Strict):
-    from_: str = Field(alias="from", min_length=1)
+    from_: str | None = Field(default=None, alias="from", min_length=1)
+    pick: Pick | None = None          # instead of `from`: the source field depends on another field
+    value: str | None = None          # instead of `from`: a constant (e.g. channel: phone)
     type: FieldType = "text"
     required: bool = False
     values: dict[str, str] | None = None  # value map applied before the cast (e.g. status codes)
-    scale: int | None = Field(default=None, ge=0, le=6)  # numeric: reject values with more decimals
+    scale: int | None = Field(default=None, ge=0, le=6)  # numeric/money: reject values with more decimals
+    decimal_comma: bool = False       # money: '1.234,50' (comma decimal, dot grouping)
+    max_length: int | None = Field(default=None, ge=1)  # text: longer values are quarantined
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "FieldMap":
+        given = [k for k, v in (("from", self.from_), ("pick", self.pick), ("value", self.value)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"a field map needs exactly one of 'from', 'pick', 'value' (got {given or 'none'})")
+        return self
+
+    @property
+    def source_fields(self) -> set[str]:
+        """Payload fields this map reads (the schema contract checks they exist)."""
+        if self.from_:
+            return {self.from_}
+        if self.pick:
+            return {self.pick.field, *self.pick.cases.values()}
+        return set()
+
+    @property
+    def label(self) -> str:
+        """How a reason names the source of the value."""
+        if self.from_:
+            return self.from_
+        if self.pick:
+            return "/".join(sorted(set(self.pick.cases.values())))
+        return "(constant)"
 
 
 class IdentityKeys(_Strict):
@@ -54,6 +84,34 @@ class IdentityKeys(_Strict):
     city: str | None = None
 
 
+class CustomerRef(_Strict):
+    """How a fact's `source_customer_id` finds its customer.
+
+    `source_id`: the id of a customer record of `source` (default: this source);
+    `phone`: any customer record whose normalised phone (E.164) is this value.
+    """
+
+    by: Literal["source_id", "phone"] = "source_id"
+    source: str | None = None
+
+
+class HeaderColumn(_Strict):
+    """A spreadsheet column: the header spellings that mean it (matched after trimming, case-insensitive)."""
+
+    headers: list[str] = Field(min_length=1)
+    required: bool = False
+
+
+class FileStream(_Strict):
+    """Files of a landing folder read as one stream (`kind: files`)."""
+
+    patterns: list[str] = Field(default_factory=lambda: ["*.csv", "*.xlsx"])
+    columns: dict[str, HeaderColumn] = Field(min_length=1)   # canonical field -> header variants
+    key_fields: list[str] = Field(min_length=1)              # canonical fields whose values make the record key
+    sheet: str | int = 0                                     # xlsx: sheet name or index
+    max_header_row: int = Field(default=10, ge=1, le=100)    # the header is searched in the first N rows
+
+
 class StreamConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     entity: Entity
@@ -61,6 +119,9 @@ class StreamConfig(_Strict):
     cursor_field: str
     query: str | None = None       # sql sources: uses %(since)s and %(until)s
     endpoint: str | None = None    # http sources: path under the connection's base URL
+    params: dict[str, str] = Field(default_factory=dict)  # http: fixed query parameters (e.g. status: closed)
+    files: FileStream | None = None  # files sources: which files and how their columns map
+    customer_ref: CustomerRef = Field(default_factory=CustomerRef)
     mapping: dict[str, FieldMap]
     identity: IdentityKeys | None = None
     expectation_suite: str
@@ -68,20 +129,68 @@ class StreamConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":
-        allowed = ENTITY_FIELDS[self.entity]
+        from crm_sync import entities
+
+        spec = entities.get(self.entity)
+        allowed = set(spec.mappable)
         unknown = sorted(set(self.mapping) - allowed)
         if unknown:
             raise ValueError(f"mapping has unknown {self.entity} fields {unknown}; allowed: {sorted(allowed)}")
         if self.entity == "customer" and self.identity is None:
             raise ValueError("a customer stream needs identity keys (identity: name/phones/email)")
         if self.entity != "customer" and "source_customer_id" not in self.mapping:
-            raise ValueError(f"an {self.entity} stream must map source_customer_id")
+            raise ValueError(f"an {self.entity} stream must map source_customer_id (how its customer is found)")
         if self.amount_field and self.amount_field not in self.mapping:
             raise ValueError(f"amount_field {self.amount_field!r} is not a mapped field")
+        for name, scale in spec.money.items():
+            fm = self.mapping.get(name)
+            if fm is not None and fm.type not in ("numeric", "money"):
+                raise ValueError(f"{self.entity}.{name} is money: map it with type money or numeric, not {fm.type}")
+            if fm is not None and fm.scale is not None and fm.scale > scale:
+                raise ValueError(f"{self.entity}.{name} is stored with scale {scale}; the map declares {fm.scale}")
         return self
 
 
+class HttpAuth(_Strict):
+    """bearer: `Authorization: Bearer <password>`; api_key: `<header>: <password>`;
+    basic: HTTP Basic with the connection's login and password."""
+
+    type: Literal["bearer", "api_key", "basic", "none"] = "bearer"
+    header: str = "X-Api-Key"
+
+
+class Paginator(_Strict):
+    """How the next page is asked for (dlt's rest_api paginators, as data).
+
+    cursor: the body's `next_cursor_path` value goes into `cursor_param`; none ends the stream.
+    page_number: `page_param` counts from `start`; an empty page (or past `total_pages_path`) ends it.
+    offset: `offset_param` advances by the records received; fewer than a page (or past `total_path`) ends it.
+    link_header: follow the RFC 8288 `Link: <url>; rel="next"` header until there is none.
+    """
+
+    type: Literal["cursor", "page_number", "offset", "link_header"] = "cursor"
+    cursor_param: str = "cursor"
+    next_cursor_path: str = "next_cursor"
+    page_param: str = "page"
+    start: int = 1
+    total_pages_path: str | None = None
+    offset_param: str = "offset"
+    total_path: str | None = None
+
+
+class HttpParams(_Strict):
+    """Names of the query parameters the API uses for the window and the page size (None: not sent)."""
+
+    since: str | None = "updated_since"
+    until: str | None = "updated_before"
+    page_size: str | None = "limit"
+
+
 class HttpOptions(_Strict):
+    auth: HttpAuth = Field(default_factory=HttpAuth)
+    paginator: Paginator = Field(default_factory=Paginator)
+    records_path: str = "data"      # dotted path of the record list in the body; "" = the body is the list
+    params: HttpParams = Field(default_factory=HttpParams)
     page_size: int = Field(default=100, ge=1, le=1000)
     timeout_seconds: float = Field(default=10, gt=0)
     max_attempts: int = Field(default=6, ge=1, le=20)
@@ -97,7 +206,7 @@ class Alerts(_Strict):
 class SourceConfig(_Strict):
     source: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     description: str = ""
-    kind: Literal["sql", "http"]
+    kind: Literal["sql", "http", "files"]
     conn_id: str
     crm_conn_id: str = "crm_db"
     schedule: str
@@ -106,6 +215,7 @@ class SourceConfig(_Strict):
     lookback_minutes: int = Field(default=10, ge=0)
     max_volume_drop: float = Field(default=0.5, gt=0, le=1)  # full refresh: block a batch this much smaller
     priority: int = Field(default=50, ge=0, le=100)  # survivorship: higher wins for golden fields
+    orphans: Literal["hold", "stub"] = "hold"  # a fact whose customer is unknown: held and retried, or a stub customer
     pool: str | None = None
     pool_slots: int = Field(default=1, ge=1)
     retries: int = Field(default=3, ge=2)
@@ -144,6 +254,8 @@ class SourceConfig(_Strict):
                 raise ValueError(f"stream {stream.name!r}: a sql source needs a query")
             if self.kind == "http" and not stream.endpoint:
                 raise ValueError(f"stream {stream.name!r}: an http source needs an endpoint")
+            if self.kind == "files" and stream.files is None:
+                raise ValueError(f"stream {stream.name!r}: a files source needs a 'files' section")
         return self
 
 

@@ -1,16 +1,19 @@
 """Load stage: publish one run's accepted rows to the CRM tables in a single transaction.
 
 In one transaction: customers (new golden records, source records, links, golden fields by
-source priority then recency, with provenance), orders and tickets (with their customer id),
-watermarks and the run log. Rows quarantined by any earlier stage are left out. Upserts only
-touch rows whose content hash changed, so rerunning the same interval changes nothing.
-Loads of different sources are serialised by an advisory lock because they share customers.
+source priority then recency, with provenance), the identity outcome (merges, splits, review
+items), the facts of every entity in the registry (`crm_sync.entities`, loaded by
+`crm_sync.facts` with their customer id, or held until their customer arrives), the release of
+facts held by earlier runs of any source whose customer this run brought, watermarks and the run
+log. Rows quarantined by any earlier stage are left out. Upserts only touch rows whose content
+hash changed, so rerunning the same interval changes nothing. Loads of different sources are
+serialised by an advisory lock because they share customers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from crm_sync import quarantine, runlog, staging, watermark
+from crm_sync import facts, quarantine, runlog, staging, watermark
 from crm_sync.config import SourceConfig
 
 LOAD_LOCK_KEY = 7_311_002
@@ -21,13 +24,14 @@ ACCEPTED = quarantine.ACCEPTED
 @dataclass(frozen=True)
 class LoadResult:
     customers: int
-    orders: int
-    tickets: int
     rejected: int
+    facts: dict[str, int] = field(default_factory=dict)   # entity -> rows loaded
+    held: int = 0          # facts of this run waiting for their customer
+    released: int = 0      # facts held earlier (any source) loaded by this run
 
     @property
     def rows(self) -> int:
-        return self.customers + self.orders + self.tickets
+        return self.customers + sum(self.facts.values())
 
 
 def _load_customers(cur, run_id: str, source: str) -> int:
@@ -97,61 +101,6 @@ def _survivorship(cur, run_id: str, source: str) -> None:
     survivorship.refresh(cur, run_id, source=source)
 
 
-def _reject_orphans(cur, run_id: str, source: str, table: str, stream: str) -> int:
-    """Orders/tickets whose customer was rejected in this run stay out, with the reason kept."""
-    cur.execute(
-        f"""
-        insert into sync.quarantine (run_id, source, stream, source_pk, stage, field, reason, payload)
-        select m.run_id, m.source, m.stream, m.source_pk, 'load', 'source_customer_id',
-               'customer ' || m.source_customer_id || ' was rejected in this run, so this row is held back',
-               to_jsonb(m) - 'run_id'
-        from {table} m
-        where m.run_id = %s and m.source = %s and m.stream = %s and {ACCEPTED}
-          and not exists (select 1 from crm.customer_link l
-                          where l.source = m.source and l.source_id = m.source_customer_id)
-        """,
-        (run_id, source, stream),
-    )
-    return cur.rowcount
-
-
-# Facts that hang off a customer: target table, its key column, the staging table, and the
-# target columns with the staging expression each takes (`m` = staging row).
-FACTS = {
-    "order": ("crm.sales_order", "order_id", "stg.mapped_order", {
-        "source_customer_id": "m.source_customer_id", "order_date": "m.order_date", "amount": "m.amount",
-        "currency": "coalesce(m.currency, 'CNY')", "status": "m.status", "source_updated_at": "m.source_updated_at",
-    }),
-    "ticket": ("crm.ticket", "ticket_id", "stg.mapped_ticket", {
-        "source_customer_id": "m.source_customer_id", "subject": "m.subject", "status": "m.status",
-        "priority": "m.priority", "source_created_at": "m.source_created_at",
-        "source_updated_at": "m.source_updated_at",
-    }),
-}
-
-
-def _load_facts(cur, run_id: str, source: str, entity: str) -> int:
-    """Upsert one run's accepted orders or tickets with their customer id; unchanged rows are not touched."""
-    table, key, staged, columns = FACTS[entity]
-    names = [*columns, "row_hash", "loaded_run_id"]
-    cur.execute(
-        f"""
-        insert into {table} as t (source, {key}, customer_id, {", ".join(names)})
-        select m.source, m.source_pk, l.customer_id, {", ".join(columns.values())}, m.row_hash, m.run_id
-        from {staged} m
-        join crm.customer_link l on l.source = m.source and l.source_id = m.source_customer_id
-        where m.run_id = %s and m.source = %s and {ACCEPTED}
-        on conflict (source, {key}) do update set
-            customer_id = excluded.customer_id, {", ".join(f"{c} = excluded.{c}" for c in names)}
-        where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
-        """,
-        (run_id, source),
-    )
-    cur.execute(f"select count(*) from {staged} m where m.run_id = %s and m.source = %s and {ACCEPTED}",
-                (run_id, source))
-    return cur.fetchone()[0]
-
-
 def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
     """Publish the run. The caller's connection must not be in autocommit; this commits."""
     try:
@@ -170,29 +119,34 @@ def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
             from crm_sync.identity.apply import apply_identity
 
             apply_identity(cur, run_id, cfg.source)  # review items, merges, splits, match keys
+            loaded: dict[str, int] = {}
+            held = 0
             for stream in cfg.streams:
-                if stream.entity in FACTS:
-                    _reject_orphans(cur, run_id, cfg.source, FACTS[stream.entity][2], stream.name)
-            orders = _load_facts(cur, run_id, cfg.source, "order")
-            tickets = _load_facts(cur, run_id, cfg.source, "ticket")
+                if stream.entity == "customer":
+                    continue
+                outcome = facts.load_stream(cur, run_id, cfg, stream)
+                loaded[stream.entity] = loaded.get(stream.entity, 0) + outcome.loaded
+                held += outcome.held
+            released = facts.release(cur, run_id)
             for stream in cfg.streams:
                 watermark.advance(cur, cfg.source, stream.name, run_id)
             cur.execute("select count(distinct (stream, coalesce(source_pk, quarantine_id::text)))"
                         " from sync.quarantine where run_id = %s and source = %s", (run_id, cfg.source))
             rejected = cur.fetchone()[0]
-            runlog.update(cur, run_id, cfg.source, rows_loaded=customers + orders + tickets, rows_rejected=rejected)
+            runlog.update(cur, run_id, cfg.source, rows_loaded=customers + sum(loaded.values()),
+                          rows_rejected=rejected, facts_held=held, facts_released=released)
         conn.commit()
     except Exception:
         conn.rollback()
         raise
-    return LoadResult(customers=customers, orders=orders, tickets=tickets, rejected=rejected)
+    return LoadResult(customers=customers, rejected=rejected, facts=loaded, held=held, released=released)
 
 
 def purge_staging(conn, source: str, keep_runs: int = 20) -> int:
     """Drop staging rows of all but the newest `keep_runs` runs of a source (housekeeping); commits."""
     removed = 0
     with conn.cursor() as cur:
-        for table in staging.STAGING_TABLES:
+        for table in staging.staging_tables():
             cur.execute(
                 f"""delete from {table} t where t.source = %(source)s and t.run_id in (
                         select run_id from sync.run_log where source = %(source)s

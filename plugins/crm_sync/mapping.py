@@ -1,9 +1,11 @@
 """Map stage: source payloads into the CRM model, with the casts and value maps of the YAML.
 
-Guarantees: a value that cannot be cast, a required field that is missing, a money value with
-more decimals than its scale allows, or an order/ticket that points at an unknown customer is
-quarantined with the stream, record, field and reason — the rest of the batch goes on.
-Money is parsed from its text form into `Decimal`, never through float.
+Guarantees: a value that cannot be cast, a required field that is missing, a text with a NUL
+character or longer than its `max_length`, or a money value with more decimals than its scale
+allows is quarantined with the stream, record, field and reason — the rest of the batch goes on.
+Money is parsed from every text form the sources use (`crm_sync.money`) into `Decimal`, never
+through float, and quantized to the entity's declared scale. Whether a fact's customer exists is
+the load's question (held orphans, see `crm_sync.orphans`), not the map's.
 """
 from __future__ import annotations
 
@@ -12,17 +14,19 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 
-from crm_sync import quarantine, staging
+from crm_sync import entities, quarantine, staging
 from crm_sync.config import FieldMap, SourceConfig, StreamConfig
 from crm_sync.staging import to_json
 
-ENTITY_TABLE = {"customer": "stg.mapped_customer", "order": "stg.mapped_order", "ticket": "stg.mapped_ticket"}
-ENTITY_COLUMNS = {
-    "customer": ["customer_id", "full_name", "name_key", "phone_raw", "phone_e164", "phone_kind", "phone_ext",
-                 "email", "company", "city", "source_created_at", "source_updated_at"],
-    "order": ["source_customer_id", "order_date", "amount", "currency", "status", "source_updated_at"],
-    "ticket": ["source_customer_id", "subject", "status", "priority", "source_created_at", "source_updated_at"],
-}
+# customer rows carry the resolve stage's identity columns before the mapped ones
+CUSTOMER_COLUMNS = ["customer_id", "full_name", "name_key", "phone_raw", "phone_e164", "phone_kind", "phone_ext",
+                    "email", "company", "city", "source_created_at", "source_updated_at"]
+
+
+def staging_columns(entity: str) -> list[str]:
+    """Columns of `stg.mapped_<entity>` between the run keys and `row_hash`."""
+    return CUSTOMER_COLUMNS if entity == "customer" else list(entities.get(entity).columns)
+
 # identity columns come from the resolve stage, already normalised
 RESOLVED_COLUMNS = ["customer_id", "full_name", "name_key", "phone_raw", "phone_e164", "phone_kind",
                     "phone_ext", "email"]
@@ -38,9 +42,23 @@ class MapResult:
     rejected: int
 
 
+def source_value(payload: dict, fm: FieldMap):
+    """The raw value a field map reads from a payload (`from`, `pick` by another field, or a constant)."""
+    if fm.from_ is not None:
+        return payload.get(fm.from_)
+    if fm.pick is not None:
+        chosen = fm.pick.cases.get(str(payload.get(fm.pick.field)))
+        if chosen is None:
+            raise CastError(f"{fm.pick.field} is {payload.get(fm.pick.field)!r}, none of {sorted(fm.pick.cases)}")
+        return payload.get(chosen)
+    return fm.value
+
+
 def cast(value, fm: FieldMap):
     """Cast one payload value as the field map says; raise CastError with a readable reason."""
     if isinstance(value, str):
+        if "\x00" in value:
+            raise CastError("contains a NUL character, which no PostgreSQL text can hold")
         value = value.strip()
         if value == "":
             value = None
@@ -51,15 +69,27 @@ def cast(value, fm: FieldMap):
         value = fm.values[key]
     if value is None:
         if fm.required:
-            raise CastError(f"required field {fm.from_!r} is missing")
+            raise CastError(f"required field {fm.label!r} is missing")
         return None
     try:
         if fm.type == "text":
-            return str(value)
+            if isinstance(value, (dict, list)):
+                raise CastError(f"expected text, got a JSON {type(value).__name__}")
+            text = str(value)
+            if fm.max_length is not None and len(text) > fm.max_length:
+                raise CastError(f"is {len(text)} characters long, more than the {fm.max_length} allowed")
+            return text
         if fm.type == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise CastError(f"{value!r} is not a whole number")
-            return int(str(value))
+            return int(value) if isinstance(value, float) else int(str(value))
+        if fm.type == "money":
+            from crm_sync.money import MoneyError, parse_money
+
+            try:
+                return parse_money(value, decimal_comma=fm.decimal_comma, scale=fm.scale)
+            except MoneyError as exc:
+                raise CastError(str(exc)) from None
         if fm.type == "numeric":
             if isinstance(value, float):
                 raise CastError(f"{value!r} arrived as a binary float; money must come as text or decimal")
@@ -69,7 +99,20 @@ def cast(value, fm: FieldMap):
             if fm.scale is not None and -number.as_tuple().exponent > fm.scale:
                 raise CastError(f"{value!r} has more than {fm.scale} decimal places")
             return number
+        if fm.type == "phone":
+            from crm_sync.identity.normalize import normalize_phone
+
+            phone = normalize_phone(str(value))
+            if phone.e164 is None:
+                raise CastError(f"{value!r} is not a phone number ({phone.kind})")
+            return phone.e164
+        if fm.type == "json":
+            if isinstance(value, (dict, list)):
+                return value
+            raise CastError(f"expected a JSON list or object, got {type(value).__name__}")
         if fm.type == "date":
+            if isinstance(value, datetime):
+                return value.date()
             if isinstance(value, date):
                 return value
             return date.fromisoformat(str(value)[:10]) if len(str(value)) >= 10 else date.fromisoformat(str(value))
@@ -99,10 +142,20 @@ def row_hash(values: dict) -> str:
     return hashlib.sha256(to_json(values).encode()).hexdigest()[:32]
 
 
+def _money_scale(entity: str, fm: FieldMap, target: str) -> FieldMap:
+    """Money columns are cast to the entity's declared scale unless the YAML is stricter."""
+    scale = entities.get(entity).money.get(target)
+    if scale is None or fm.type not in ("money", "numeric") or fm.scale is not None:
+        return fm
+    return fm.model_copy(update={"scale": scale})
+
+
 def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> MapResult:
     entity = stream.entity
-    table = ENTITY_TABLE[entity]
-    columns = ENTITY_COLUMNS[entity]
+    spec = entities.get(entity)
+    table = spec.staging
+    columns = staging_columns(entity)
+    field_maps = {target: _money_scale(entity, fm, target) for target, fm in stream.mapping.items()}
     rejects: list[quarantine.Reject] = []
     out_rows: list[list] = []
     with conn.cursor() as cur:
@@ -120,35 +173,21 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
                 (run_id, cfg.source, stream.name),
             )
         rows = cur.fetchall()
-        known_customers: set[str] = set()
-        if entity != "customer":
-            refs = sorted({str(p.get(stream.mapping["source_customer_id"].from_)) for _, p, *rest in rows
-                           if p.get(stream.mapping["source_customer_id"].from_) is not None})
-            cur.execute("select source_id from crm.customer_link where source = %s and source_id = any(%s)"
-                        " union select source_pk from stg.resolved where run_id = %s and source = %s and source_pk = any(%s)",
-                        (cfg.source, refs, run_id, cfg.source, refs))
-            known_customers = {r[0] for r in cur.fetchall()}
         for source_pk, payload, *resolved in rows:
             values: dict = {}
             failed = False
-            for target, fm in stream.mapping.items():
+            for target, fm in field_maps.items():
                 try:
-                    values[target] = cast(payload.get(fm.from_), fm)
+                    values[target] = cast(source_value(payload, fm), fm)
                 except CastError as exc:
                     rejects.append(quarantine.Reject(stream.name, source_pk, "map", target,
-                                                     f"{fm.from_}: {exc}", payload))
+                                                     f"{fm.label}: {exc}", payload))
                     failed = True
             if failed:
                 continue
             if entity == "customer":
                 values.update(dict(zip(RESOLVED_COLUMNS, resolved)))
                 values["customer_id"] = str(values["customer_id"])
-            elif values.get("source_customer_id") not in known_customers:
-                rejects.append(quarantine.Reject(
-                    stream.name, source_pk, "map", "source_customer_id",
-                    f"unknown customer reference {values.get('source_customer_id')!r}: no such customer in "
-                    f"{cfg.source} (not linked before and not in this run)", payload))
-                continue
             record = [values.get(c) for c in columns]
             hashed = {c: v for c, v in zip(columns, record) if c != "customer_id"}
             out_rows.append([run_id, cfg.source, stream.name, source_pk, *record, row_hash(hashed)])

@@ -3,8 +3,9 @@
 Per stream of the run, recorded in `sync.reconciliation`:
 - `row_count`: rows extracted = rows loaded + rows quarantined;
 - `distinct_keys`: every accepted source key is present in the target with this run's content;
-- `amount_sum` (streams with `amount_field`): the exact NUMERIC sum of the accepted rows' amounts
-  as the source sent them (decimal text, never float) equals the target's sum for the same keys.
+- `<column>_sum` for each money sum the entity declares (`entities.EntitySpec.sums`): the exact
+  NUMERIC sum of the accepted rows' values as the map stage parsed them from the source's text
+  (`Decimal`, never float) equals the target's sum for the same keys.
 Any mismatch raises `ReconciliationError` (the task fails and on-call is alerted).
 """
 from __future__ import annotations
@@ -12,15 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from crm_sync import runlog
+from crm_sync import entities, runlog
 from crm_sync.config import SourceConfig, StreamConfig
 from crm_sync.quarantine import ACCEPTED
-
-TARGET = {
-    "customer": ("crm.source_customer", "source_id", "stg.mapped_customer"),
-    "order": ("crm.sales_order", "order_id", "stg.mapped_order"),
-    "ticket": ("crm.ticket", "ticket_id", "stg.mapped_ticket"),
-}
 
 
 class ReconciliationError(RuntimeError):
@@ -40,7 +35,8 @@ class Check:
 
 
 def _stream_checks(cur, run_id: str, source: str, stream: StreamConfig) -> list[Check]:
-    target, key, mapped = TARGET[stream.entity]
+    spec = entities.get(stream.entity)
+    target, key, mapped = spec.target, spec.key, spec.staging
     params = {"run": run_id, "source": source, "stream": stream.name}
     cur.execute(
         """select
@@ -72,23 +68,15 @@ def _stream_checks(cur, run_id: str, source: str, stream: StreamConfig) -> list[
         Check(stream.name, "row_count", Decimal(extracted), Decimal(accepted_rows + quarantined)),
         Check(stream.name, "distinct_keys", Decimal(accepted_rows), Decimal(present)),
     ]
-    if stream.amount_field:
-        source_field = stream.mapping[stream.amount_field].from_
+    for column in spec.sums:
         cur.execute(
-            f"""select coalesce(sum((e.payload ->> %(field)s)::numeric), 0)
-                from stg.extracted e
-                where e.run_id = %(run)s and e.source = %(source)s and e.stream = %(stream)s
-                  and exists (select 1 {accepted} and m.source_pk = e.source_pk)""",
-            {**params, "field": source_field},
-        )
-        source_sum = cur.fetchone()[0]
-        cur.execute(
-            f"""select coalesce(sum(t.{stream.amount_field}), 0) from {target} t
-                where t.source = %(source)s and t.{key} in (select m.source_pk {accepted})""",
+            f"""select (select coalesce(sum(m.{column}), 0) {accepted}),
+                       (select coalesce(sum(t.{column}), 0) from {target} t
+                        where t.source = %(source)s and t.{key} in (select m.source_pk {accepted}))""",
             params,
         )
-        target_sum = cur.fetchone()[0]
-        checks.append(Check(stream.name, "amount_sum", Decimal(source_sum), Decimal(target_sum)))
+        source_sum, target_sum = cur.fetchone()
+        checks.append(Check(stream.name, f"{column}_sum", Decimal(source_sum), Decimal(target_sum)))
     return checks
 
 

@@ -7,7 +7,7 @@ from psycopg2 import sql
 
 COUNTERS = {
     "rows_extracted", "rows_mapped", "rows_loaded", "rows_rejected", "ids_linked", "ids_merged",
-    "ids_review", "ids_new", "api_calls",
+    "ids_review", "ids_new", "api_calls", "facts_held", "facts_released",
 }
 FIELDS = COUNTERS | {"state", "interval_start", "interval_end", "extract_since", "reconcile_ok",
                      "failed_task", "error", "finished_at"}

@@ -141,9 +141,13 @@ def copy_rows(cur, table: str, columns: Sequence[str], rows: Iterable[Sequence])
     return stream.count
 
 
-# Every per-run staging table (all keyed by run_id and source); housekeeping purges them together.
-STAGING_TABLES = ("stg.extracted", "stg.resolved", "stg.mapped_customer", "stg.mapped_order", "stg.mapped_ticket",
-                  "stg.identity_input", "stg.match_key", "stg.review_pair", "stg.cluster_merge")
+def staging_tables() -> tuple[str, ...]:
+    """Every per-run staging table (all keyed by run_id and source); housekeeping purges them together."""
+    from crm_sync import entities
+
+    return ("stg.extracted", "stg.resolved", *entities.staging_tables(), "stg.identity_input", "stg.match_key",
+            "stg.review_pair", "stg.cluster_merge")
+
 
 
 def delete_run(cur, table: str, run_id: str, source: str, stream: str | None = None) -> int:

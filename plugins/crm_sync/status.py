@@ -5,10 +5,12 @@ is one the pipeline committed, so the report never shows a load that did not hap
 """
 from __future__ import annotations
 
+from crm_sync import entities
 from crm_sync.config import all_source_names
 
 RUN_FIELDS = ["run_id", "state", "interval_start", "interval_end", "rows_extracted", "rows_mapped", "rows_loaded",
-              "rows_rejected", "ids_linked", "ids_merged", "ids_review", "ids_new", "api_calls", "reconcile_ok",
+              "rows_rejected", "ids_linked", "ids_merged", "ids_review", "ids_new", "api_calls", "facts_held",
+              "facts_released", "reconcile_ok",
               "failed_task", "error", "started_at", "finished_at"]
 
 
@@ -35,6 +37,14 @@ def source_status(conn, source: str) -> dict | None:
                     (last_run["run_id"] if last_run else None, source))
         recon = [{"stream": s, "check": c, "source": str(a), "target": str(b), "ok": ok}
                  for s, c, a, b, ok in cur.fetchall()]
+        rows = {}
+        for spec in entities.ENTITIES:
+            cur.execute(f"select count(*) from {spec.target} where source = %s", (source,))
+            n = cur.fetchone()[0]
+            if n:
+                rows[spec.name] = n
+        cur.execute("select count(*) from sync.held_fact where source = %s and released_run_id is null", (source,))
+        held = cur.fetchone()[0]
     if last_run is None and not marks and not links:
         return None
     return {
@@ -45,6 +55,8 @@ def source_status(conn, source: str) -> dict | None:
         "watermarks": marks,
         "links": links,
         "linked_customers": customers,
+        "rows": rows,
+        "held_facts": held,
     }
 
 
@@ -79,6 +91,10 @@ def render(doc: dict) -> str:
                      f"{run['rows_rejected']:>8} {run['ids_merged']:>7} {run['ids_review']:>6} {run['ids_new']:>6} "
                      f"{recon:>6}  {run['run_id']}")
         lines.append(f"{'':<11} watermark: {marks}")
+        held = st.get("held_facts")
+        rows = ", ".join(f"{k} {v}" for k, v in st.get("rows", {}).items())
+        lines.append(f"{'':<11} in the CRM: {rows or 'nothing yet'}"
+                     + (f"; {held} facts waiting for their customer" if held else ""))
         if run.get("error"):
             lines.append(f"{'':<11} failed at {run.get('failed_task')}: {run['error'][:300]}")
     return "\n".join(lines)

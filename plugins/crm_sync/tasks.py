@@ -47,6 +47,7 @@ def _stage(cfg: SourceConfig):
 def extract(source: str, stream_name: str, context: dict) -> dict:
     from crm_sync import runlog, watermark
     from crm_sync.sources import extract as ex
+    from crm_sync.sources.base import extractor_for
 
     cfg = load_source(source)
     stream = cfg.stream(stream_name)
@@ -58,44 +59,29 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
         conn.commit()  # the run is visible (and its row unlocked) while the extract pages through the source
         window = watermark.extract_window(conn, cfg, stream.name, context["data_interval_end"])
         log.info("extracting %s.%s for %s: since=%s until=%s", source, stream.name, run_id, window.since, window.until)
-        if cfg.kind == "sql":
-            from crm_sync import db
-
-            src = db.task_connection(cfg.conn_id)
-            try:
-                result = ex.stage_records(conn, run_id, cfg, stream, window,
-                                          ex.iter_sql(src, stream, window, source=source))
-            finally:
-                src.close()
-            calls = 0
-        else:
-            from airflow.providers.http.hooks.http import HttpHook
-
-            from crm_sync.sources.http_source import CallStats, fetch_pages
-
-            hook = HttpHook(method="GET", http_conn_id=cfg.conn_id)
-            session = hook.get_conn()
-            token = hook.get_connection(cfg.conn_id).password
-            stats = CallStats()
-            try:
-                pages = fetch_pages(session, hook.base_url, token, stream.endpoint, source=source, stream=stream.name,
-                                    since=window.since, until=window.until, options=cfg.http, stats=stats)
-                result = ex.stage_records(conn, run_id, cfg, stream, window, pages)
-            except Exception:
-                # the staged rows go, but the paid calls were made: count them in a transaction of their own
-                conn.rollback()
-                _add_api_calls(run_id, source, cfg, stats.calls)
-                raise
-            finally:
-                log.info("%s.%s: %d API calls %s", source, stream.name, stats.calls, stats.by_status)
-            calls = stats.calls
+        extractor = extractor_for(cfg, stream)
+        try:
+            extractor.bind(conn)
+            result = ex.stage_records(conn, run_id, cfg, stream, window, extractor.records(window),
+                                      extra_rejects=extractor.rejects)
             with conn.cursor() as cur:
-                cur.execute("update sync.run_log set api_calls = api_calls + %s where run_id = %s and source = %s",
-                            (calls, run_id, source))
+                extractor.stage(cur, run_id)
+        except Exception:
+            # the staged rows go, but paid calls were made: count them in a transaction of their own
+            conn.rollback()
+            if extractor.calls:
+                _add_api_calls(run_id, source, cfg, extractor.calls)
+            raise
+        finally:
+            if extractor.calls:
+                log.info("%s.%s: %d API calls %s", source, stream.name, extractor.calls, extractor.by_status)
+            extractor.close()
         with conn.cursor() as cur:
+            cur.execute("update sync.run_log set api_calls = api_calls + %s where run_id = %s and source = %s",
+                        (extractor.calls, run_id, source))
             runlog.update(cur, run_id, source, extract_since=window.since)
         ex.record_extract(conn, run_id, cfg)
-    return {"rows": result.rows, "rejected": result.rejected, "api_calls": calls,
+    return {"rows": result.rows, "rejected": result.rejected, "api_calls": extractor.calls,
             "since": window.since.isoformat() if window.since else None, "until": window.until.isoformat()}
 
 
@@ -132,14 +118,13 @@ def map_stream(source: str, stream_name: str, context: dict) -> dict:
     cfg = load_source(source)
     with _stage(cfg) as conn:
         result = mapping.map_stream(conn, context["run_id"], cfg, cfg.stream(stream_name))
+        from crm_sync import entities
+
+        counts = " + ".join(f"(select count(*) from {t} where run_id = %(r)s and source = %(s)s)"
+                            for t in entities.staging_tables())
         with conn.cursor() as cur:
-            cur.execute(
-                """update sync.run_log set rows_mapped =
-                     (select count(*) from stg.mapped_customer where run_id = %(r)s and source = %(s)s)
-                   + (select count(*) from stg.mapped_order where run_id = %(r)s and source = %(s)s)
-                   + (select count(*) from stg.mapped_ticket where run_id = %(r)s and source = %(s)s)
-                   where run_id = %(r)s and source = %(s)s""",
-                {"r": context["run_id"], "s": source})
+            cur.execute(f"update sync.run_log set rows_mapped = {counts} where run_id = %(r)s and source = %(s)s",
+                        {"r": context["run_id"], "s": source})
     return {"mapped": result.mapped, "rejected": result.rejected}
 
 
@@ -161,13 +146,14 @@ def load(source: str, context: dict) -> dict:
     cfg = load_source(source)
     with _stage(cfg) as conn:
         result = loader.load(conn, context["run_id"], cfg)
-    return {"customers": result.customers, "orders": result.orders, "tickets": result.tickets,
+    return {"customers": result.customers, **result.facts, "held": result.held, "released": result.released,
             "rejected": result.rejected}
 
 
 def reconcile(source: str, context: dict) -> dict:
     from crm_sync.load import purge_staging
     from crm_sync.reconcile import reconcile as run_reconcile
+    from crm_sync.sources.base import extractor_class
 
     cfg = load_source(source)
     with _stage(cfg) as conn:
@@ -176,6 +162,7 @@ def reconcile(source: str, context: dict) -> dict:
             cur.execute("update sync.run_log set state = 'success', finished_at = now() where run_id = %s and source = %s",
                         (context["run_id"], source))
         conn.commit()
+        extractor_class(cfg.kind).finish(conn, cfg, context["run_id"])
         purge_staging(conn, source)
     return {"checks": {f"{c.stream}.{c.name}": c.ok for c in checks}}
 

@@ -5,12 +5,12 @@ source records and links, and before orders and tickets. In order:
 1. stores what the master must know about each accepted record for later runs: its identity
    input (`crm.source_identity`) and its blocking-key and term values (`crm.match_key`);
 2. executes stewards' 'different' decisions whose two records still share a customer
-   (`master.pending_splits`): the later record moves, with its orders and tickets, to a customer
-   of its own with a stable id;
+   (`master.pending_splits`): the later record moves, with the facts that point at it by id (every
+   entity of `crm_sync.entities`), to a customer of its own with a stable id;
 3. merges existing customers found to be one person — by the engine (`stg.cluster_merge`) or by
    a steward's 'same' — never across a decided 'different' pair: the survivor is the smallest
    id, the absorbed customer keeps `merged_into` (and customers merged into it follow), its
-   links, source records, orders, tickets and overrides move, and `crm.customer_merge` records
+   rows in every table of `entities.CUSTOMER_OWNED` and its overrides move, and `crm.customer_merge` records
    the run and the evidence;
 4. raises the run's review pairs as `crm.review_item` rows (both records loaded, not already in
    one customer); a pair already asked — open or decided — is never asked again;
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from psycopg2.extras import execute_values
 
-from crm_sync import survivorship
+from crm_sync import entities, survivorship
 from crm_sync.identity import master
 from crm_sync.quarantine import ACCEPTED
 
@@ -101,9 +101,10 @@ def _move_record(cur, run_id: str, split: master.Split) -> None:
                          "from_customer": str(split.from_customer)}), run_id, *rec),
     )
     cur.execute("update crm.source_customer set customer_id = %s where source = %s and source_id = %s", (to, *rec))
-    cur.execute("update crm.sales_order set customer_id = %s where source = %s and source_customer_id = %s",
-                (to, *rec))
-    cur.execute("update crm.ticket set customer_id = %s where source = %s and source_customer_id = %s", (to, *rec))
+    # the record's facts go with it: those that point at this record by its id, from any source
+    for spec in entities.FACTS:
+        cur.execute(f"""update {spec.target} set customer_id = %s
+                        where ref_by = 'source_id' and ref_source = %s and source_customer_id = %s""", (to, *rec))
 
 
 def _apply_splits(cur, run_id: str, touched: set[str]) -> int:
@@ -212,7 +213,7 @@ def _apply_merges(cur, run_id: str, source: str, touched: set[str]) -> int:
                 params)
     cur.execute(moves + "update crm.customer c set merged_into = m.survivor, last_run_id = %s, updated_at = now()"
                         " from m where c.customer_id = m.absorbed", (*params, run_id))
-    for table in ("crm.customer_link", "crm.source_customer", "crm.sales_order", "crm.ticket"):
+    for table in entities.CUSTOMER_OWNED:
         cur.execute(moves + f"update {table} t set customer_id = m.survivor from m where t.customer_id = m.absorbed",
                     params)
     cur.execute(moves + """insert into crm.golden_override (customer_id, field, value, value_kind, set_by, set_at)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from crm_sync import paths, quarantine, staging
 from crm_sync.config import SourceConfig, StreamConfig
-from crm_sync.mapping import ENTITY_TABLE
+from crm_sync import entities
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _frame(cur, table: str, run_id: str, source: str, stream: str):
 
 def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> ValidationOutcome:
     suite_doc = load_suite_doc(stream.expectation_suite)
-    table = ENTITY_TABLE[stream.entity]
+    table = entities.get(stream.entity).staging
     with conn.cursor() as cur:
         df = _frame(cur, table, run_id, cfg.source, stream.name)
         cur.execute("delete from sync.dq_result where run_id = %s and source = %s and stream = %s",

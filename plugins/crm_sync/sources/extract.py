@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from crm_sync import quarantine, runlog, staging
 from crm_sync.config import SourceConfig, StreamConfig
@@ -36,8 +36,11 @@ def _parse_ts(value) -> datetime | None:
 
 
 def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, window: Window,
-                  batches: Iterable[list[dict]]) -> ExtractResult:
-    """Write the records of `batches` to staging in one transaction (caller commits)."""
+                  batches: Iterable[list[dict]], extra_rejects: Iterable[quarantine.Reject] = ()) -> ExtractResult:
+    """Write the records of `batches` to staging in one transaction (caller commits).
+
+    `extra_rejects` are records the extractor itself could not read (read after `batches` is
+    exhausted, so an extractor may add to its list while it yields)."""
     latest: dict[str, tuple[datetime | None, dict]] = {}
     rejects: list[quarantine.Reject] = []
     seen_fields: set[str] = set()
@@ -64,6 +67,7 @@ def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, wi
                 latest[pk] = (cursor_value, record)
     if latest or rejects:
         check_schema(cfg, stream, seen_fields)
+    rejects.extend(extra_rejects)
     with conn.cursor() as cur:
         staging.delete_run(cur, "stg.extracted", run_id, cfg.source, stream.name)
         quarantine.clear(cur, run_id, cfg.source, stream.name, stage="extract")
@@ -76,7 +80,7 @@ def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, wi
 
 
 def expected_fields(stream: StreamConfig) -> set[str]:
-    fields = {stream.primary_key, stream.cursor_field} | {fm.from_ for fm in stream.mapping.values()}
+    fields = {stream.primary_key, stream.cursor_field}.union(*(fm.source_fields for fm in stream.mapping.values()))
     if stream.identity is not None:
         ident = stream.identity
         fields |= {f for f in (ident.name, ident.email, ident.company, ident.city) if f} | set(ident.phones)
@@ -119,8 +123,3 @@ def record_extract(conn, run_id: str, cfg: SourceConfig) -> None:
         runlog.update(cur, run_id, cfg.source, rows_extracted=extracted + rejected)
 
 
-def iter_sql(src_conn, stream: StreamConfig, window: Window, source: str = "?") -> Iterator[list[dict]]:
-    from crm_sync.sources.sql_source import fetch_batches
-
-    return fetch_batches(src_conn, stream.query, since=window.since, until=window.until, name=stream.name,
-                         source=source)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Iterator
 
+from crm_sync.sources.base import Extractor, register
+
 FETCH_ROWS = 10_000
 
 
@@ -36,3 +38,27 @@ def fetch_batches(src_conn, query: str, *, since: datetime | None, until: dateti
             if not rows:
                 return
             yield [dict(r) for r in rows]
+
+
+@register
+class SqlExtractor(Extractor):
+    """A stream of a source database: the stream's `query` with `%(since)s` and `%(until)s`."""
+
+    kind = "sql"
+
+    def __init__(self, cfg, stream, src_conn) -> None:
+        super().__init__(cfg, stream)
+        self.src_conn = src_conn
+
+    @classmethod
+    def open(cls, cfg, stream) -> "SqlExtractor":
+        from crm_sync import db
+
+        return cls(cfg, stream, db.task_connection(cfg.conn_id))
+
+    def records(self, window) -> Iterator[list[dict]]:
+        return fetch_batches(self.src_conn, self.stream.query, since=window.since, until=window.until,
+                             name=self.stream.name, source=self.cfg.source)
+
+    def close(self) -> None:
+        self.src_conn.close()

@@ -1,0 +1,86 @@
+"""The extractor registry: one class per source `kind` (`sql`, `http`, `files`), keyed by the YAML's kind.
+
+An extractor reads one stream of one source for one run. The extract task only does:
+
+    extractor = extractor_for(cfg, stream)          # opens its connections (Airflow connections)
+    try:
+        extractor.bind(crm_conn)
+        stage_records(..., extractor.records(window), extra_rejects=extractor.rejects)
+        extractor.stage(crm_cur, run_id)           # its own bookkeeping, in the extract transaction
+    finally:
+        extractor.close()
+
+and after the load has committed, the reconcile task calls `finish(crm_conn, run_id)` of the
+source's kind (e.g. the files extractor moves processed files to `archive/`).
+
+Guarantees every extractor keeps: records are plain dicts (JSON-like values); nothing is written
+to the CRM outside `stage()`; a record the extractor itself cannot read becomes a
+`quarantine.Reject` in `rejects` (naming the record and the field), never an exception that stops
+the stream; billed calls are counted in `calls` even when reading fails.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Iterator
+
+if TYPE_CHECKING:
+    from crm_sync.config import SourceConfig, StreamConfig
+    from crm_sync.quarantine import Reject
+    from crm_sync.watermark import Window
+
+REGISTRY: dict[str, type["Extractor"]] = {}
+
+
+class Extractor(ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, cfg: "SourceConfig", stream: "StreamConfig") -> None:
+        self.cfg = cfg
+        self.stream = stream
+        self.rejects: list["Reject"] = []
+        self.calls = 0                     # billed API calls made (http)
+        self.by_status: dict[str, int] = {}
+
+    @classmethod
+    @abstractmethod
+    def open(cls, cfg: "SourceConfig", stream: "StreamConfig") -> "Extractor":
+        """Resolve the Airflow connection `cfg.conn_id` and return a ready extractor."""
+
+    @abstractmethod
+    def records(self, window: "Window") -> Iterator[list[dict]]:
+        """Yield the stream's records in batches."""
+
+    def bind(self, crm_conn) -> None:
+        """Read access to the CRM database before `records()` (e.g. the files ledger); default: unused."""
+
+    def stage(self, cur, run_id: str) -> None:
+        """Bookkeeping of the extractor in the extract transaction (default: none)."""
+
+    @classmethod
+    def finish(cls, crm_conn, cfg: "SourceConfig", run_id: str) -> None:
+        """After the run's load committed (default: nothing to do)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def register(cls: type[Extractor]) -> type[Extractor]:
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def extractor_class(kind: str) -> type[Extractor]:
+    _load_builtin()
+    try:
+        return REGISTRY[kind]
+    except KeyError:
+        raise KeyError(f"no extractor for kind {kind!r}; known: {sorted(REGISTRY)}") from None
+
+
+def extractor_for(cfg: "SourceConfig", stream: "StreamConfig") -> Extractor:
+    return extractor_class(cfg.kind).open(cfg, stream)
+
+
+def _load_builtin() -> None:
+    # importing the modules registers their classes; done lazily so a DAG file's parse imports none
+    from crm_sync.sources import files_source, http_source, sql_source  # noqa: F401
