@@ -31,8 +31,10 @@ from crm_sync import db, paths
 from crm_sync.config import SourceConfig, load_source
 
 SCENARIOS = ("bad-batch", "volume-drop", "schema-drift", "api-outage")
-DEMO_SOURCES = ("erp", "ticketing")
+# customer-rich sources first, so a call or chat finds its customer in the same demo run
+DEMO_SOURCES = ("erp", "finance", "spreadsheet", "ticketing", "im", "callcenter")
 ERP_DATABASE = "crm_src_erp"
+FINANCE_DATABASE = "crm_src_finance"
 PEOPLE = 2000
 SEED = 42
 
@@ -199,23 +201,56 @@ class _Sources:
         if self.scratch:
             db.drop_database(*self.scratch)
 
-    def prepare_ticketing(self, end: datetime):
-        from crm_sync.simulators import people, ticketing
+    def prepare_api(self, name: str, end: datetime):
+        """The in-memory store of an API simulator (ticketing, im, callcenter), kept between demos."""
+        from crm_sync.simulators import callcenter, im, people, ticketing
 
-        path = demo_dir() / "ticketing_store.pickle"
+        kinds = {"ticketing": ticketing.TicketingStore, "im": im.ImStore, "callcenter": callcenter.CallCenterStore}
+        path = demo_dir() / f"{name}_store.pickle"
         if path.exists():
             store = pickle.loads(path.read_bytes())
             if self.scenario is None:
                 # changes made since the last run: after its watermark, before this interval's end
                 store.apply_changes(seed=SEED + self.state.runs, now=end - timedelta(seconds=30), window_seconds=60)
         else:
-            store = ticketing.TicketingStore.generate(people.generate_people(PEOPLE, SEED), seed=SEED,
-                                                      now=end - timedelta(minutes=5))
+            store = kinds[name].generate(people.generate_people(PEOPLE, SEED), seed=SEED,
+                                         now=end - timedelta(minutes=5))
         return store
 
-    def save_ticketing(self, store) -> None:
+    def save_api(self, name: str, store) -> None:
         if self.scenario is None:
-            (demo_dir() / "ticketing_store.pickle").write_bytes(pickle.dumps(store))
+            (demo_dir() / f"{name}_store.pickle").write_bytes(pickle.dumps(store))
+
+    def prepare_finance(self, admin_dsn: str, end: datetime) -> str:
+        from crm_sync.simulators import finance, people
+
+        db.ensure_database(admin_dsn, FINANCE_DATABASE)
+        dsn = db.with_database(admin_dsn, FINANCE_DATABASE)
+        conn = db.connect(dsn)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("select to_regclass('cw.kh_zl') is not null")
+                seeded = cur.fetchone()[0]
+            conn.commit()
+            if not seeded:
+                finance.seed(conn, people=people.generate_people(PEOPLE, SEED), seed=SEED,
+                             now=end - timedelta(minutes=5))
+            elif self.scenario is None:
+                finance.apply_changes(conn, seed=SEED + self.state.runs, now=end - timedelta(seconds=30))
+        finally:
+            conn.close()
+        return dsn
+
+    def prepare_spreadsheet(self, end: datetime) -> Path:
+        """The landing folder sales staff drop their lists into; each demo run brings new files."""
+        from crm_sync.simulators import people, spreadsheet
+
+        landing = demo_dir() / "landing"
+        landing.mkdir(parents=True, exist_ok=True)
+        if self.scenario is None:
+            spreadsheet.write_landing(landing, people.generate_people(PEOPLE, SEED), seed=SEED + self.state.runs,
+                                      now=end - timedelta(minutes=1), files=2 if self.state.runs else 6)
+        return landing
 
 
 def _conn_json(**doc) -> str:
@@ -225,6 +260,8 @@ def _conn_json(**doc) -> str:
 def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     if scenario is not None and scenario not in SCENARIOS:
         raise SystemExit(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    from crm_sync.simulators.callcenter import CallCenterServer
+    from crm_sync.simulators.im import ImServer
     from crm_sync.simulators.smtp_outbox import OutboxServer
     from crm_sync.simulators.ticketing import Faults, TicketingServer
 
@@ -243,20 +280,31 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     print(f"  CRM database: {db.redact_dsn(dsn)}", file=out)
 
     erp_dsn = sources.prepare_erp(admin_dsn, ends["erp"])
-    store = sources.prepare_ticketing(ends["ticketing"])
-    token = secrets.token_urlsafe(24)  # per invocation; only the child processes see it
+    finance_dsn = sources.prepare_finance(admin_dsn, ends["finance"])
+    landing = sources.prepare_spreadsheet(ends["spreadsheet"])
+    stores = {name: sources.prepare_api(name, ends[name]) for name in ("ticketing", "im", "callcenter")}
+    # per invocation; only the child processes see them
+    token, im_key, cc_login, cc_password = (secrets.token_urlsafe(24) for _ in range(4))
     # a real desk answers 429 now and then: the extractor must cope
     faults = Faults(outage=True) if scenario == "api-outage" else Faults(rate_limit_every=7)
     results: dict[str, dict] = {}
     with ExitStack() as stack:
         stack.callback(sources.cleanup)
-        api = stack.enter_context(TicketingServer(store, token=token, faults=faults))
+        api = stack.enter_context(TicketingServer(stores["ticketing"], token=token, faults=faults))
+        im_api = stack.enter_context(ImServer(stores["im"], api_key=im_key, faults=Faults(rate_limit_every=11)))
+        cc_api = stack.enter_context(CallCenterServer(stores["callcenter"], login=cc_login, password=cc_password))
         smtp = stack.enter_context(OutboxServer(outbox_dir()))
         connections = {
             "crm_db": db.airflow_conn_json(dsn),
             "erp_src": db.airflow_conn_json(erp_dsn),
+            "finance_src": db.airflow_conn_json(finance_dsn),
+            "spreadsheet_landing": _conn_json(conn_type="fs", extra={"path": str(landing)}),
             "ticketing_api": _conn_json(conn_type="http", host="127.0.0.1", port=api.port, schema="http",
                                         password=token),
+            "im_api": _conn_json(conn_type="http", host="127.0.0.1", port=im_api.port, schema="http",
+                                 password=im_key),
+            "callcenter_api": _conn_json(conn_type="http", host="127.0.0.1", port=cc_api.port, schema="http",
+                                         login=cc_login, password=cc_password),
             "smtp_alerts": _conn_json(conn_type="smtp", host="127.0.0.1", port=smtp.port,
                                       login=None, extra={"disable_ssl": True, "disable_tls": True,
                                                          "from_email": "crm-sync@localhost", "timeout": 10,
@@ -274,8 +322,9 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
             code = run_dag(cfg.dag_id, now, env, log_path)
             results[name] = {"exit": code, "seconds": time.monotonic() - t0, "log": log_path}
         new_mail = sorted(set(outbox_dir().glob("*.eml")) - before)
-        if results.get("ticketing", {}).get("exit") == 0:
-            sources.save_ticketing(store)
+        for name, store in stores.items():
+            if results.get(name, {}).get("exit") == 0:
+                sources.save_api(name, store)
 
     conn = db.connect(dsn)
     try:

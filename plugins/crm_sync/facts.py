@@ -34,9 +34,10 @@ _LOOKUP = """
             from crm.customer_link l
             where h.ref_by = 'source_id' and l.source = h.ref_source and l.source_id = h.ref_value
             union all
-            select sc.customer_id, case when cu.phone_e164 = h.ref_value then 0 else 1 end, sc.source_updated_at
+            select sc.customer_id, case when cu.phone_e164 = sc.phone_e164 then 0 else 1 end, sc.source_updated_at
             from crm.source_customer sc join crm.customer cu on cu.customer_id = sc.customer_id
-            where h.ref_by = 'phone' and sc.phone_e164 = h.ref_value
+            where h.ref_by = 'phone' and sc.phone_e164 = split_part(h.ref_value, ';ext=', 1)
+              and coalesce(sc.phone_ext, '') = split_part(h.ref_value, ';ext=', 2)
         ) x order by x.rank, x.at desc nulls last, x.customer_id limit 1
     ) c on true
 """
@@ -170,7 +171,8 @@ def release(cur, run_id: str) -> int:
            select distinct 'source_id'::text as ref_by, a.source as ref_source, a.source_pk as ref_value
            from load_accepted_customer a
            union
-           select distinct 'phone', null::text, a.phone_e164 from load_accepted_customer a
+           select distinct 'phone', null::text, a.phone_e164 || coalesce(';ext=' || a.phone_ext, '')
+           from load_accepted_customer a
            where a.phone_e164 is not null"""
     )
     released = 0

@@ -105,7 +105,7 @@ def cast(value, fm: FieldMap):
             phone = normalize_phone(str(value))
             if phone.e164 is None:
                 raise CastError(f"{value!r} is not a phone number ({phone.kind})")
-            return phone.e164
+            return phone.e164 + (f";ext={phone.extension}" if phone.extension else "")
         if fm.type == "json":
             if isinstance(value, (dict, list)):
                 return value

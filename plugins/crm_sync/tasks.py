@@ -61,7 +61,8 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
         log.info("extracting %s.%s for %s: since=%s until=%s", source, stream.name, run_id, window.since, window.until)
         extractor = extractor_for(cfg, stream)
         try:
-            extractor.bind(conn)
+            ledger = conn.cursor()  # the extractor's read access to the CRM (e.g. the files ledger)
+            extractor.bind(ledger)
             result = ex.stage_records(conn, run_id, cfg, stream, window, extractor.records(window),
                                       extra_rejects=extractor.rejects)
             with conn.cursor() as cur:

@@ -4,7 +4,7 @@ An extractor reads one stream of one source for one run. The extract task only d
 
     extractor = extractor_for(cfg, stream)          # opens its connections (Airflow connections)
     try:
-        extractor.bind(crm_conn)
+        extractor.bind(crm_cur)
         stage_records(..., extractor.records(window), extra_rejects=extractor.rejects)
         extractor.stage(crm_cur, run_id)           # its own bookkeeping, in the extract transaction
     finally:
@@ -50,8 +50,9 @@ class Extractor(ABC):
     def records(self, window: "Window") -> Iterator[list[dict]]:
         """Yield the stream's records in batches."""
 
-    def bind(self, crm_conn) -> None:
-        """Read access to the CRM database before `records()` (e.g. the files ledger); default: unused."""
+    def bind(self, crm_cur) -> "Extractor":
+        """Read access to the CRM database (a cursor) before `records()`, e.g. the files ledger."""
+        return self
 
     def stage(self, cur, run_id: str) -> None:
         """Bookkeeping of the extractor in the extract transaction (default: none)."""
