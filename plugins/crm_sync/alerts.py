@@ -312,6 +312,21 @@ def make_failure_callback(
     return callback
 
 
+def send_notice(source: str, run_id: str, notices: list[str], *, to: list[str], smtp_conn_id: str,
+                context: Mapping[str, Any]) -> None:
+    """A warning e-mail for something on-call must act on while the run itself goes on; never raises."""
+    try:
+        subject = f"[crm-sync] WARNING {source}: {len(notices)} item(s) need attention — run {run_id}"
+        body = "\n".join([
+            f"source:  {source}", f"run:     {run_id}", "", "The run goes on; these need a person:",
+            *(f"- {mask_text(n)}" for n in notices), "",
+            "Rejected rows and files are in sync.quarantine (where run_id = the run above).",
+        ])
+        _send(subject, body, to=to, smtp_conn_id=smtp_conn_id, from_email=None, context=context)
+    except Exception as exc:  # noqa: BLE001 - a failing notice must not fail the extract
+        log.error("could not send the notice for source %s: %s", source, mask_text(f"{type(exc).__name__}: {exc}"))
+
+
 def _send(subject: str, body: str, *, to: list[str], smtp_conn_id: str, from_email: str | None,
           context: Mapping[str, Any]) -> None:
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier

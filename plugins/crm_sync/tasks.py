@@ -82,6 +82,11 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
                         (extractor.calls, run_id, source))
             runlog.update(cur, run_id, source, extract_since=window.since)
         ex.record_extract(conn, run_id, cfg)
+    if extractor.notices:
+        from crm_sync.alerts import send_notice
+
+        send_notice(source, run_id, extractor.notices, to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
+                    context=context)
     return {"rows": result.rows, "rejected": result.rejected, "api_calls": extractor.calls,
             "since": window.since.isoformat() if window.since else None, "until": window.until.isoformat()}
 

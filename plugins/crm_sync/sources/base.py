@@ -41,6 +41,11 @@ class Extractor(ABC):
         self.calls = 0                     # billed API calls made (http)
         self.by_status: dict[str, int] = {}
 
+    @property
+    def notices(self) -> list[str]:
+        """What on-call must hear about although the run goes on (e.g. a file rejected whole)."""
+        return []
+
     @classmethod
     @abstractmethod
     def open(cls, cfg: "SourceConfig", stream: "StreamConfig") -> "Extractor":

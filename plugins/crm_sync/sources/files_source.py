@@ -493,6 +493,11 @@ class FilesExtractor(Extractor):
                                     f"'{cfg.conn_id}') does not exist or is not a folder")
         return cls(cfg, stream, landing)
 
+    @property
+    def notices(self) -> list[str]:
+        return [f"file {f.name!r} was rejected and goes to rejected/ with {f.name}.reason.txt: {f.reason}"
+                for f in self.files if f.state == "rejected"]
+
     def bind(self, cur) -> "FilesExtractor":
         self.ledger_cursor = cur
         return self
