@@ -38,7 +38,7 @@ class Pick(_Strict):
 
 
 class FieldMap(_Strict):
-    from_: str | None = Field(default=None, alias="from", min_length=1)
+    from_: str | list[str] | None = Field(default=None, alias="from", min_length=1)  # a list: first non-empty
     pick: Pick | None = None          # instead of `from`: the source field depends on another field
     value: str | None = None          # instead of `from`: a constant (e.g. channel: phone)
     type: FieldType = "text"
@@ -59,7 +59,7 @@ class FieldMap(_Strict):
     def source_fields(self) -> set[str]:
         """Payload fields this map reads (the schema contract checks they exist)."""
         if self.from_:
-            return {self.from_}
+            return {self.from_} if isinstance(self.from_, str) else set(self.from_)
         if self.pick:
             return {self.pick.field, *self.pick.cases.values()}
         return set()
@@ -68,7 +68,7 @@ class FieldMap(_Strict):
     def label(self) -> str:
         """How a reason names the source of the value."""
         if self.from_:
-            return self.from_
+            return self.from_ if isinstance(self.from_, str) else "/".join(self.from_)
         if self.pick:
             return "/".join(sorted(set(self.pick.cases.values())))
         return "(constant)"

@@ -44,8 +44,10 @@ class MapResult:
 
 def source_value(payload: dict, fm: FieldMap):
     """The raw value a field map reads from a payload (`from`, `pick` by another field, or a constant)."""
-    if fm.from_ is not None:
+    if isinstance(fm.from_, str):
         return payload.get(fm.from_)
+    if fm.from_ is not None:
+        return next((v for v in map(payload.get, fm.from_) if v is not None and str(v).strip() != ""), None)
     if fm.pick is not None:
         chosen = fm.pick.cases.get(str(payload.get(fm.pick.field)))
         if chosen is None:

@@ -114,7 +114,8 @@ def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) 
             dq_rows.append((run_id, cfg.source, stream.name, name, column, severity, bool(r.success),
                             res.get("element_count"), res.get("unexpected_count"),
                             staging.to_json({"kwargs": {k: v for k, v in exp.kwargs.items() if k != "batch_id"},
-                                             "partial_unexpected_list": res.get("partial_unexpected_list", [])[:20],
+                                             "partial_unexpected_list": [None if v != v else v  # NaN is no JSON
+                                                                         for v in res.get("partial_unexpected_list", [])[:20]],
                                              "exception": r.exception_info.get("exception_message")
                                              if isinstance(r.exception_info, dict) else None})))
             if severity != "critical":
