@@ -1,8 +1,10 @@
 """The Docker Compose stack, checked by reading it (Docker is not needed to run these tests)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -16,6 +18,10 @@ AIRFLOW_SERVICES = {
     "airflow-worker": "celery worker",
 }
 ALL_AIRFLOW = [*AIRFLOW_SERVICES, "airflow-init"]
+API_SIMULATORS = ["ticketing-sim", "im-sim", "callcenter-sim"]
+SOURCES = sorted((ROOT / "include" / "sources").glob("*.yaml"))
+# `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?message}`, `${VAR?message}`, and `$$` for a literal `$`
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +34,59 @@ def services(compose) -> dict:
     return compose["services"]
 
 
+@pytest.fixture(scope="module")
+def sources() -> list[dict]:
+    return [yaml.safe_load(path.read_text(encoding="utf-8")) for path in SOURCES]
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """What `docker compose` makes of `text` with `env` (its variable interpolation rules)."""
+    def value(match: re.Match) -> str:
+        name, op, arg = match.groups()
+        if name is None:
+            return "$"
+        unset = name not in env or (op or "").startswith(":") and not env[name]   # ":" also means empty
+        if op and unset:
+            if "?" in op:
+                raise AssertionError(f"{name} is required: {arg}")
+            return arg
+        return env.get(name, "")
+    return _VARIABLE.sub(value, text)
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict:
+    """The services as compose runs them with only the required variables set (each to its own value)."""
+    text = (ROOT / "docker-compose.yaml").read_text(encoding="utf-8")
+    required = {m.group(1) for m in _VARIABLE.finditer(text) if m.group(2) and "?" in m.group(2)}
+    env = {name: f"test-{name.lower().replace('_', '-')}" for name in required}
+    return yaml.safe_load(_interpolate(text, env))["services"]
+
+
+def _conn_ids(node) -> set[str]:
+    """Every connection id a source YAML names (conn_id, crm_conn_id, alerts.smtp_conn_id, ...)."""
+    if isinstance(node, dict):
+        return {v for k, v in node.items() if k.endswith("conn_id") and isinstance(v, str)} | \
+            {c for v in node.values() for c in _conn_ids(v)}
+    if isinstance(node, list):
+        return {c for v in node for c in _conn_ids(v)}
+    return set()
+
+
+def _connection(env: dict, conn_id: str) -> dict:
+    """An `AIRFLOW_CONN_*` value (JSON or URL form, already interpolated) as a dict."""
+    value = env[f"AIRFLOW_CONN_{conn_id.upper()}"]
+    if value.lstrip().startswith("{"):
+        return json.loads(value)
+    url = urlparse(value)
+    return {"conn_type": url.scheme, "host": url.hostname, "port": url.port, "login": url.username,
+            "password": url.password, "schema": url.path.lstrip("/")}
+
+
+def _port_arg(command: list[str]) -> int:
+    return int(command[command.index("--port") + 1])
+
+
 def _mounts(service: dict) -> dict[str, str]:
     """container path -> host path (or volume name) of a service's volumes (short syntax)."""
     out = {}
@@ -38,7 +97,7 @@ def _mounts(service: dict) -> dict[str, str]:
 
 
 def test_every_service_of_the_stack_is_there(services):
-    expected = {*AIRFLOW_SERVICES, "airflow-init", "redis", "metadata-db", "crm-db", "ticketing-sim", "mailpit",
+    expected = {*AIRFLOW_SERVICES, "airflow-init", "redis", "metadata-db", "crm-db", *API_SIMULATORS, "mailpit",
                 "crm-sync-seed"}
     assert expected <= set(services)
     for name, command in AIRFLOW_SERVICES.items():
@@ -96,7 +155,7 @@ def test_init_migrates_and_installs_requirements(services):
 
 
 def test_healthchecks_and_startup_order(services):
-    for name in [*AIRFLOW_SERVICES, "redis", "metadata-db", "crm-db", "ticketing-sim", "mailpit"]:
+    for name in [*AIRFLOW_SERVICES, "redis", "metadata-db", "crm-db", *API_SIMULATORS, "mailpit"]:
         assert services[name]["healthcheck"]["test"], name
     for name in AIRFLOW_SERVICES:
         deps = services[name]["depends_on"]
@@ -114,3 +173,110 @@ def test_every_variable_reference_is_well_formed():
     text = (ROOT / "docker-compose.yaml").read_text(encoding="utf-8")
     for ref in re.findall(r"(?<!\$)\$\{([^}]*)\}", text):
         assert re.fullmatch(r"[A-Z_][A-Z0-9_]*(?:(?::-|:\?)[^${}]*)?", ref), ref
+
+
+@pytest.mark.parametrize("name", ALL_AIRFLOW)
+def test_every_connection_the_sources_name_is_set(services, sources, name):
+    env = services[name]["environment"]
+    for conn_id in sorted(set().union(*map(_conn_ids, sources))):
+        assert f"AIRFLOW_CONN_{conn_id.upper()}" in env, conn_id
+
+
+def test_connections_are_valid_once_interpolated(resolved):
+    env = resolved["airflow-worker"]["environment"]
+    for key, value in env.items():
+        if key.startswith("AIRFLOW_CONN_") and value.lstrip().startswith("{"):
+            assert json.loads(value)["conn_type"], key
+
+
+def test_each_api_simulator_serves_the_connection_of_its_source(resolved, sources):
+    env = resolved["airflow-worker"]["environment"]
+    worker_deps = resolved["airflow-worker"]["depends_on"]
+    for cfg in (c for c in sources if c["kind"] == "http"):
+        module = f"crm_sync.simulators.{cfg['source']}"
+        sims = [name for name, svc in resolved.items() if module in svc.get("command", [])]
+        assert len(sims) == 1, (cfg["source"], sims)
+        sim = resolved[sims[0]]
+        conn = _connection(env, cfg["conn_id"])
+        assert conn["conn_type"] == "http" and conn["host"] == sims[0], cfg["conn_id"]
+        assert conn["port"] == _port_arg(sim["command"]) and conn["port"] in sim["expose"], cfg["conn_id"]
+        assert sim["command"][sim["command"].index("--host") + 1] == "0.0.0.0"
+        assert str(conn["port"]) in " ".join(sim["healthcheck"]["test"])
+        assert worker_deps[sims[0]]["condition"] == "service_healthy"
+        # the simulator accepts what the connection sends: the same variables feed both
+        assert conn["password"] in sim["environment"].values(), cfg["conn_id"]
+        if conn.get("login"):
+            assert conn["login"] in sim["environment"].values(), cfg["conn_id"]
+
+
+def test_simulators_and_seed_get_the_extra_requirements(services):
+    for name in [*API_SIMULATORS, "crm-sync-seed"]:
+        service = services[name]
+        assert "/opt/airflow/pylibs" in service["environment"]["PYTHONPATH"].split(":"), name
+        assert _mounts(service)["/opt/airflow/pylibs"] == "pylibs", name
+        assert service["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully", name
+
+
+def test_every_pool_the_sources_name_is_created_by_the_init(services, sources):
+    script = services["airflow-init"]["command"][-1]
+    created = dict(re.findall(r"airflow pools set (\S+) (\d+)", script))
+    pools = {c["pool"]: c.get("pool_slots", 1) for c in sources if c.get("pool")}
+    assert {"ticketing_api", "im_api", "callcenter_api"} <= set(pools)
+    for pool, slots in pools.items():
+        assert created.get(pool) == str(slots), pool
+
+
+def test_no_literal_secrets(services, sources):
+    env = services["airflow-worker"]["environment"]
+    whole_ref = r"\$\{[A-Z_][A-Z0-9_]*(?::-|:\?)[^}]*\}"
+    required_ref = r"\$\{[A-Z_][A-Z0-9_]*:\?[^}]+\}"
+    for key, value in env.items():
+        if not key.startswith("AIRFLOW_CONN_"):
+            continue
+        json_passwords = re.findall(r'"password": "([^"]*)"', value)
+        url_passwords = re.findall(r"^\w+://(?:\$\{[^}]*\}|[^:/@$]*):(\$\{[^}]*\}|[^@]*)@", value)
+        for password in json_passwords + url_passwords:
+            assert re.fullmatch(whole_ref, password), key
+    # the APIs' secrets and the finance reader's password have no default: the stack refuses to start without them
+    # (crm_db and erp_src keep the documented local-development default of crm-db's own user)
+    for cfg in sources:
+        value = env[f"AIRFLOW_CONN_{cfg['conn_id'].upper()}"]
+        if cfg["kind"] == "http":
+            assert re.fullmatch(required_ref, re.search(r'"password": "([^"]*)"', value).group(1)), cfg["conn_id"]
+    finance = re.match(r"postgresql://\$\{[^}]*\}:(\$\{[^}]*\})@", env["AIRFLOW_CONN_FINANCE_SRC"]).group(1)
+    assert re.fullmatch(required_ref, finance)
+    for name in [*API_SIMULATORS, "crm-sync-seed"]:
+        for key, value in services[name]["environment"].items():
+            if re.search(r"TOKEN|API_KEY|PASSWORD", key):
+                assert re.fullmatch(required_ref, value), (name, key)
+
+
+def test_finance_database_is_seeded_and_read_through_its_own_role(resolved):
+    conn = _connection(resolved["airflow-worker"]["environment"], "finance_src")
+    seed = resolved["crm-sync-seed"]
+    seed_env = seed["environment"]
+    assert conn["conn_type"] == "postgresql" and conn["host"] == "crm-db" and conn["port"] == 5432
+    assert conn["schema"] == seed_env["FINANCE_DB_NAME"]
+    assert (conn["login"], conn["password"]) == (seed_env["FINANCE_DB_USER"], seed_env["FINANCE_DB_PASSWORD"])
+    assert conn["login"] != urlparse(seed_env["CRM_SYNC_DSN"]).username   # not crm-db's superuser
+    script = seed["command"][-1]
+    assert "ensure_database" in script and "finance.seed(" in script and "cw.kh_zl" in script
+    assert "grant select on cw.kh_zl, cw.fp, cw.ht, cw.sk" in script
+
+
+def test_landing_folder_is_a_volume_seeded_once_and_mounted_where_the_connection_says(compose, resolved):
+    conn = _connection(resolved["airflow-worker"]["environment"], "spreadsheet_landing")
+    assert conn["conn_type"] == "fs"
+    path = conn["extra"]["path"]
+    volume = _mounts(resolved["airflow-worker"])[path]
+    assert volume in compose["volumes"]
+    seed = resolved["crm-sync-seed"]
+    seed_path = seed["environment"]["SPREADSHEET_LANDING"]
+    assert _mounts(seed)[seed_path] == volume and not seed["volumes"][-1].endswith(":ro")
+    assert "spreadsheet.write_landing(" in seed["command"][-1] and "iterdir()" in seed["command"][-1]
+    init = resolved["airflow-init"]
+    init_path = next(p for p, v in _mounts(init).items() if v == volume)
+    script = init["command"][-1]
+    # a new named volume is root's; the seed and the workers run as AIRFLOW_UID
+    assert re.search(rf"chown -R .*{re.escape(init_path)}", script)
+    assert "openpyxl" in script   # the workbooks are written by the seed and read by the workers

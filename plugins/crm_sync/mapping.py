@@ -188,7 +188,9 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
             if failed:
                 continue
             if entity == "customer":
-                values.update(dict(zip(RESOLVED_COLUMNS, resolved)))
+                # the normalised identity values win; a name the identity fields lack keeps the mapped one
+                values.update({c: v for c, v in zip(RESOLVED_COLUMNS, resolved)
+                               if v is not None or c != "full_name"})
                 values["customer_id"] = str(values["customer_id"])
             record = [values.get(c) for c in columns]
             hashed = {c: v for c, v in zip(columns, record) if c != "customer_id"}
