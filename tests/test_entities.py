@@ -182,3 +182,21 @@ def test_stub_customer_is_merged_into_the_real_one(conn):
         (real["customer_id"],)]
     assert _rows(conn, "select merged_into::text from crm.customer where customer_id = %s", (stub[0],)) == [
         (real["customer_id"],)]
+
+
+def test_a_ticket_held_back_with_its_rejected_requester_loads_once_the_requester_is_fixed(conn):
+    cfg = _source("desk", [_fact_stream("ticket")])
+    requester = _record("RQ", 0)
+    _stage_run(conn, cfg, "desk__r1", [requester], quarantined=(requester["pk"],))  # the user failed validation
+    _stage_fact(conn, cfg, "desk__r1", "ticket", "T-1", requester["pk"], subject="发票开错了")
+    first = load.load(conn, "desk__r1", cfg)
+
+    assert first.customers == 0 and first.held == 1
+    assert _rows(conn, "select count(*) from crm.ticket where source = 'desk'") == [(0,)]
+
+    _stage_run(conn, cfg, "desk__r2", [requester])  # the source fixed the user; the ticket did not change
+    second = load.load(conn, "desk__r2", cfg)
+
+    assert second.released == 1
+    assert _rows(conn, "select ticket_id, subject, customer_id::text from crm.ticket where source = 'desk'") == [
+        ("T-1", "发票开错了", requester["customer_id"])]

@@ -125,7 +125,6 @@ class StreamConfig(_Strict):
     mapping: dict[str, FieldMap]
     identity: IdentityKeys | None = None
     expectation_suite: str
-    amount_field: str | None = None  # reconciled as an exact NUMERIC sum, source vs target
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":
@@ -140,8 +139,6 @@ class StreamConfig(_Strict):
             raise ValueError("a customer stream needs identity keys (identity: name/phones/email)")
         if self.entity != "customer" and "source_customer_id" not in self.mapping:
             raise ValueError(f"an {self.entity} stream must map source_customer_id (how its customer is found)")
-        if self.amount_field and self.amount_field not in self.mapping:
-            raise ValueError(f"amount_field {self.amount_field!r} is not a mapped field")
         for name, scale in spec.money.items():
             fm = self.mapping.get(name)
             if fm is not None and fm.type not in ("numeric", "money"):
