@@ -46,7 +46,12 @@ def bag():
 
 def test_no_import_errors(bag):
     assert bag["errors"] == {}
-    assert {"crm_sync__erp", "crm_sync__ticketing"} <= set(bag["dags"])
+    sources = ("erp", "ticketing", "im", "callcenter", "finance", "spreadsheet")
+    assert set(bag["dags"]) == {f"crm_sync__{s}" for s in sources}
+    # each API source's calls go through its own pool
+    for source in ("ticketing", "im", "callcenter"):
+        extracts = [t for tid, t in bag["dags"][f"crm_sync__{source}"]["tasks"].items() if tid.startswith("extract.")]
+        assert extracts and all(t["pool"] == f"{source}_api" for t in extracts), source
 
 
 def test_every_dag_has_operational_settings(bag):

@@ -13,49 +13,26 @@ import html
 import json
 import re
 import secrets
-import shutil
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import yaml
 
 from crm_sync import db, demo
 from crm_sync.config import load_source_file
 from crm_sync.simulators import erp, people
 from crm_sync.simulators.smtp_outbox import OutboxServer
 from crm_sync.simulators.ticketing import Faults, TicketingServer, TicketingStore
+from dagstack import DagStack, airflow_env, copy_include
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 7
 
 
-class Stack:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-    def run(self, source: str, logical_date: datetime | None = None) -> int:
-        cfg = self.configs[source]
-        log = self.tmp / f"{cfg.dag_id}-{uuid.uuid4().hex[:6]}.log"
-        code = demo.run_dag(cfg.dag_id, logical_date or self.now, self.env, log)
-        self.last_log = log
-        return code
-
-    def crm(self, sql: str, params=()):
-        conn = db.connect(self.dsn)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall()
-        finally:
-            conn.close()
-
-    def one(self, sql: str, params=()):
-        return self.crm(sql, params)[0][0]
-
+class Stack(DagStack):
     def snapshot(self) -> dict:
         return {
             "customers": self.crm("select customer_id, full_name, phone_e164, email, merged_into from crm.customer "
@@ -71,24 +48,13 @@ class Stack:
     def mails(self) -> list[Path]:
         return sorted(self.outbox.glob("*.eml"))
 
-    def last_run(self, source: str) -> dict:
-        rows = self.crm("select run_id, state, failed_task, error, rows_extracted, rows_loaded, rows_rejected "
-                        "from sync.run_log where source = %s order by started_at desc limit 1", (source,))
-        keys = ["run_id", "state", "failed_task", "error", "rows_extracted", "rows_loaded", "rows_rejected"]
-        return dict(zip(keys, rows[0]))
-
 
 @pytest.fixture(scope="module")
 def stack(fresh_dsn, pg_admin_dsn, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     # config is data: the same YAMLs, with the HTTP client's backoff shortened so retries take seconds
-    include = tmp / "include"
-    shutil.copytree(ROOT / "include", include)
-    tk = include / "sources" / "ticketing.yaml"
-    doc = yaml.safe_load(tk.read_text())
-    doc["http"].update({"max_attempts": 3, "backoff_seconds": 0.05, "timeout_seconds": 5})
-    tk.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
-    configs = {"erp": load_source_file(include / "sources" / "erp.yaml"), "ticketing": load_source_file(tk)}
+    include = copy_include(tmp, fast_http=("ticketing",))
+    configs = {name: load_source_file(include / "sources" / f"{name}.yaml") for name in ("erp", "ticketing")}
 
     now = datetime.now(timezone.utc)
     ends = {name: demo.interval_end(cfg, now) for name, cfg in configs.items()}
@@ -112,12 +78,7 @@ def stack(fresh_dsn, pg_admin_dsn, tmp_path_factory):
                                        "extra": {"disable_ssl": True, "disable_tls": True, "timeout": 10,
                                                  "retry_limit": 1, "from_email": "crm-sync@localhost"}}),
         }
-        env = demo.airflow_env(connections, extra={
-            "AIRFLOW_HOME": str(ROOT / ".local" / "airflow-test"),
-            "CRM_SYNC_INCLUDE_DIR": str(include),
-            "CRM_SYNC_RETRY_DELAY_SECONDS": "1",
-        })
-        demo.ensure_airflow_db(env)
+        env = airflow_env(connections, include)
         yield Stack(tmp=tmp, configs=configs, now=now, ends=ends, dsn=fresh_dsn, erp_dsn=erp_dsn, store=store,
                     api=api, outbox=outbox, env=env, token=token)
     db.drop_database(pg_admin_dsn, erp_db)

@@ -14,23 +14,20 @@ import email.policy
 import html
 import json
 import secrets
-import shutil
 import subprocess
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import yaml
 
 from crm_sync import db, demo
 from crm_sync.config import load_source_file
 from crm_sync.facts import NOT_KNOWN_YET
-from crm_sync.money import parse_money
 from crm_sync.simulators import callcenter, finance, im, people, spreadsheet
 from crm_sync.simulators.smtp_outbox import OutboxServer
+from dagstack import DagStack, airflow_env, copy_include
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,36 +35,7 @@ SEED = 11
 SOURCES = ("finance", "spreadsheet", "im", "callcenter")
 
 
-class Stack:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-    def run(self, source: str) -> int:
-        cfg = self.configs[source]
-        log = self.tmp / f"{cfg.dag_id}-{uuid.uuid4().hex[:6]}.log"
-        code = demo.run_dag(cfg.dag_id, self.now, self.env, log)
-        self.last_log = log
-        return code
-
-    def crm(self, sql: str, params=()):
-        conn = db.connect(self.dsn)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall()
-        finally:
-            conn.close()
-
-    def one(self, sql: str, params=()):
-        return self.crm(sql, params)[0][0]
-
-    def last_run(self, source: str) -> dict:
-        keys = ["run_id", "state", "error", "rows_extracted", "rows_loaded", "rows_rejected", "facts_held",
-                "facts_released"]
-        rows = self.crm(f"select {', '.join(keys)} from sync.run_log where source = %s order by started_at desc"
-                        " limit 1", (source,))
-        return dict(zip(keys, rows[0]))
-
+class Stack(DagStack):
     def finance(self, sql: str):
         conn = db.connect(self.finance_dsn)
         try:
@@ -81,13 +49,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(fresh_dsn, pg_admin_dsn, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sources")
-    include = tmp / "include"
-    shutil.copytree(ROOT / "include", include)
-    for name in ("im", "callcenter"):  # retries in seconds, not minutes
-        path = include / "sources" / f"{name}.yaml"
-        doc = yaml.safe_load(path.read_text())
-        doc["http"].update({"max_attempts": 3, "backoff_seconds": 0.05, "timeout_seconds": 5})
-        path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+    include = copy_include(tmp, fast_http=("im", "callcenter"))
     configs = {name: load_source_file(include / "sources" / f"{name}.yaml") for name in SOURCES}
     now = datetime.now(timezone.utc)
     end = min(demo.interval_end(cfg, now) for cfg in configs.values())
@@ -124,12 +86,7 @@ def stack(fresh_dsn, pg_admin_dsn, tmp_path_factory):
                                        "extra": {"disable_ssl": True, "disable_tls": True, "timeout": 10,
                                                  "retry_limit": 1, "from_email": "crm-sync@localhost"}}),
         }
-        env = demo.airflow_env(connections, extra={
-            "AIRFLOW_HOME": str(ROOT / ".local" / "airflow-test"),
-            "CRM_SYNC_INCLUDE_DIR": str(include),
-            "CRM_SYNC_RETRY_DELAY_SECONDS": "1",
-        })
-        demo.ensure_airflow_db(env)
+        env = airflow_env(connections, include)
         yield Stack(tmp=tmp, configs=configs, now=now, end=end, dsn=fresh_dsn, finance_dsn=finance_dsn,
                     seeded=seeded, landing=landing, manifest=manifest, bad_files=bad_files, im=im_store,
                     cc=cc_store, outbox=outbox, env=env, pool=pool)

@@ -162,23 +162,31 @@ class _Sources:
         self.scenario = scenario
         self.scratch: tuple[str, str] | None = None
 
-    def prepare_erp(self, admin_dsn: str, end: datetime) -> str:
-        from crm_sync.simulators import erp, people
+    def _prepare_database(self, admin_dsn: str, database: str, probe: str, simulator, end: datetime) -> str:
+        """A sample source database: seeded on the first demo, one "day" of changes on every later one."""
+        from crm_sync.simulators import people
 
-        db.ensure_database(admin_dsn, ERP_DATABASE)
-        dsn = db.with_database(admin_dsn, ERP_DATABASE)
+        db.ensure_database(admin_dsn, database)
+        dsn = db.with_database(admin_dsn, database)
         conn = db.connect(dsn)
         try:
             with conn.cursor() as cur:
-                cur.execute("select to_regclass('src_erp.customers') is not null")
+                cur.execute("select to_regclass(%s) is not null", (probe,))
                 seeded = cur.fetchone()[0]
             conn.commit()
             if not seeded:
-                erp.seed(conn, people=people.generate_people(PEOPLE, SEED), seed=SEED, now=end - timedelta(minutes=5))
+                simulator.seed(conn, people=people.generate_people(PEOPLE, SEED), seed=SEED,
+                               now=end - timedelta(minutes=5))
             elif self.scenario is None:
-                erp.apply_changes(conn, seed=SEED + self.state.runs, now=end - timedelta(seconds=30))
+                simulator.apply_changes(conn, seed=SEED + self.state.runs, now=end - timedelta(seconds=30))
         finally:
             conn.close()
+        return dsn
+
+    def prepare_erp(self, admin_dsn: str, end: datetime) -> str:
+        from crm_sync.simulators import erp
+
+        dsn = self._prepare_database(admin_dsn, ERP_DATABASE, "src_erp.customers", erp, end)
         if self.scenario not in ("bad-batch", "volume-drop", "schema-drift"):
             return dsn
         scratch = f"{ERP_DATABASE}_scenario"
@@ -222,24 +230,9 @@ class _Sources:
             (demo_dir() / f"{name}_store.pickle").write_bytes(pickle.dumps(store))
 
     def prepare_finance(self, admin_dsn: str, end: datetime) -> str:
-        from crm_sync.simulators import finance, people
+        from crm_sync.simulators import finance
 
-        db.ensure_database(admin_dsn, FINANCE_DATABASE)
-        dsn = db.with_database(admin_dsn, FINANCE_DATABASE)
-        conn = db.connect(dsn)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("select to_regclass('cw.kh_zl') is not null")
-                seeded = cur.fetchone()[0]
-            conn.commit()
-            if not seeded:
-                finance.seed(conn, people=people.generate_people(PEOPLE, SEED), seed=SEED,
-                             now=end - timedelta(minutes=5))
-            elif self.scenario is None:
-                finance.apply_changes(conn, seed=SEED + self.state.runs, now=end - timedelta(seconds=30))
-        finally:
-            conn.close()
-        return dsn
+        return self._prepare_database(admin_dsn, FINANCE_DATABASE, "cw.kh_zl", finance, end)
 
     def prepare_spreadsheet(self, end: datetime) -> Path:
         """The landing folder sales staff drop their lists into; each demo run brings new files."""

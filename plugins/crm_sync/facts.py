@@ -130,7 +130,7 @@ def load_stream(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Fa
     )
     if held:
         cur.execute(
-            f"""
+            """
             insert into sync.held_fact as h (source, stream, entity, source_pk, ref_by, ref_source, ref_value,
                 row_data, row_hash, held_run_id)
             select f.source, f.stream, %(entity)s, f.source_pk, f.ref_by, f.ref_source,
@@ -147,7 +147,7 @@ def load_stream(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Fa
             {"entity": spec.name},
         )
         cur.execute(
-            f"""
+            """
             insert into sync.quarantine (run_id, source, stream, source_pk, stage, field, reason, payload)
             select f.run_id, f.source, f.stream, f.source_pk, 'load', 'source_customer_id', %(reason)s,
                    jsonb_build_object('ref_by', f.ref_by, 'ref_source', f.ref_source, 'entity', %(entity)s)

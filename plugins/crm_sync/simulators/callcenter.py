@@ -29,32 +29,30 @@ Guarantees:
   records in the window and, while more follow, `Link: <absolute URL with offset+limit>;
   rel="next"`. Offset paging is stable because a window that ends at or before the store's last
   `now` never changes.
-- Faults (`ticketing.Faults`) are configured at construction or at runtime (`POST /_admin/faults`)
-  and apply to the data endpoint only; `GET /_admin/stats` counts its calls by status. The admin
-  endpoints need the same credentials.
-- `CallCenterServer` runs the app with uvicorn in a background thread on 127.0.0.1 and returns
-  from `start()` only once it answers. `python -m crm_sync.simulators.callcenter` runs it standalone.
+- Faults (`apiserver.Faults`, re-exported here) are configured at construction or at runtime
+  (`POST /_admin/faults`) and apply to the data endpoint only, answering `{"error": ...}`;
+  `GET /_admin/stats` counts its calls by status. The admin endpoints need the same credentials.
+- `CallCenterServer` (an `apiserver.ApiServer`) runs the app with uvicorn in a background thread on
+  127.0.0.1 and returns from `start()` only once it answers. `python -m crm_sync.simulators.callcenter`
+  runs it standalone (default port 8767).
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import binascii
 import hmac
-import os
 import random
 import threading
-import time
-from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
-from typing import Any, Sequence
+from typing import Sequence
 
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse
 
+# Faults is re-exported: callers import it from here
+from crm_sync.simulators.apiserver import ApiServer, Faults, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import CITIES, Person, render_phone
-from crm_sync.simulators.ticketing import Faults, _parse_ts, _Stats, free_port
+from crm_sync.simulators.ticketing import _parse_ts
 
 ENDPOINT = "/api/v1/cdr"
 MAX_LIMIT = 1000
@@ -273,10 +271,7 @@ def create_app(store: CallCenterStore, login: str, password: str, faults: Faults
     """The FastAPI app; `app.state.faults` and `app.state.stats` are the live settings and counters."""
     if not login or not password:
         raise ValueError("the call center simulator needs a non-empty login and password")
-    app = FastAPI(title="call center CDR simulator", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.faults = faults or Faults()
-    app.state.stats = _Stats()
-    app.state.error_rng = random.Random(app.state.faults.seed)
+    app = new_app("call center CDR simulator", faults)
     expected = f"{login}:{password}".encode()
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -295,28 +290,10 @@ def create_app(store: CallCenterStore, login: str, password: str, faults: Faults
             return False
         return hmac.compare_digest(decoded, expected)
 
-    async def misbehave() -> JSONResponse | None:
-        f: Faults = app.state.faults
-        n = app.state.stats.tick()
-        if f.outage:
-            return error(503, "service unavailable (outage)")
-        if f.rate_limit_every and n % f.rate_limit_every == 0:
-            return error(429, "rate limit exceeded", {"Retry-After": str(f.retry_after_seconds)})
-        if f.error_every and n % f.error_every == 0:
-            return error(503, "service unavailable (flaky)")
-        if f.error_rate and app.state.error_rng.random() < f.error_rate:
-            status = app.state.error_rng.choice((500, 503))
-            return error(status, "internal error" if status == 500 else "service unavailable")
-        if f.timeout_every and n % f.timeout_every == 0:
-            await asyncio.sleep(f.hang_seconds)
-        if f.slow_seconds:
-            await asyncio.sleep(f.slow_seconds)
-        return None
-
     async def answer(request: Request) -> JSONResponse:
         if not authorised(request):
             return unauthorised()
-        fault = await misbehave()
+        fault = await misbehave(app, error)
         if fault is not None:
             return fault
         q = request.query_params
@@ -344,124 +321,31 @@ def create_app(store: CallCenterStore, login: str, password: str, faults: Faults
         app.state.stats.record(ENDPOINT, response.status_code)
         return response
 
-    @app.post("/_admin/faults")
-    async def set_faults(request: Request):
-        if not authorised(request):
-            return unauthorised()
-        try:
-            changes = await request.json()
-            if not isinstance(changes, dict):
-                raise ValueError("body must be a JSON object")
-            app.state.faults = app.state.faults.updated(**changes)
-        except ValueError as exc:
-            return error(400, str(exc))
-        if "seed" in changes:
-            app.state.error_rng = random.Random(app.state.faults.seed)
-        return asdict(app.state.faults)
-
-    @app.get("/_admin/stats")
-    async def stats(request: Request):
-        if not authorised(request):
-            return unauthorised()
-        return app.state.stats.snapshot()
-
-    @app.post("/_admin/stats/reset")
-    async def reset_stats(request: Request):
-        if not authorised(request):
-            return unauthorised()
-        app.state.stats.reset()
-        return app.state.stats.snapshot()
-
+    install_admin(app, authorised, error, unauthorised)
     return app
 
 
-class CallCenterServer:
-    """The simulator on a background uvicorn thread; use as a context manager or start()/stop()."""
+class CallCenterServer(ApiServer):
+    """The call center simulator on a background uvicorn thread; use as a context manager or start()/stop()."""
+
+    name = "call center"
 
     def __init__(self, store: CallCenterStore, login: str, password: str, faults: Faults | None = None,
                  host: str = "127.0.0.1", port: int = 0):
+        super().__init__(create_app(store, login, password, faults), host=host, port=port)
         self.store = store
-        self.host = host
-        self.port = port or free_port(host)
-        self.app = create_app(store, login, password, faults)
-        self._server = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> "CallCenterServer":
-        import uvicorn
-
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name=f"callcenter-sim-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"call center simulator did not start on {self.base_url}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "CallCenterServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def set_faults(self, **changes: Any) -> Faults:
-        self.app.state.faults = self.app.state.faults.updated(**changes)
-        if "seed" in changes:
-            self.app.state.error_rng = random.Random(self.app.state.faults.seed)
-        return self.app.state.faults
-
-    def reset(self) -> None:
-        """Back to a well-behaved API with zeroed counters."""
-        self.app.state.faults = Faults()
-        self.app.state.error_rng = random.Random(0)
-        self.app.state.stats.reset()
-
-    def stats(self) -> dict:
-        return self.app.state.stats.snapshot()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from crm_sync.simulators.people import generate_people
+    def build(args, world, faults):
+        store = CallCenterStore.generate(*world)
+        return create_app(store, args.login, args.password, faults), (
+            f"call center simulator: {len(store.calls)} calls ({sum(v is None for v in store.truth.values())} "
+            f"from unknown numbers) on http://{args.host}:{args.port}{ENDPOINT}")
 
-    parser = argparse.ArgumentParser(description="Run the call center CDR simulator on loopback.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8766)
-    parser.add_argument("--login", default=os.environ.get("CALLCENTER_API_LOGIN"),
-                        help="Basic auth login (default: $CALLCENTER_API_LOGIN)")
-    parser.add_argument("--password", default=os.environ.get("CALLCENTER_API_PASSWORD"),
-                        help="Basic auth password (default: $CALLCENTER_API_PASSWORD)")
-    parser.add_argument("--people", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--rate-limit-every", type=int, default=0)
-    parser.add_argument("--error-rate", type=float, default=0.0)
-    parser.add_argument("--slow-seconds", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    if not args.login or not args.password:
-        parser.error("give --login and --password or set CALLCENTER_API_LOGIN and CALLCENTER_API_PASSWORD")
-    import uvicorn
-
-    # Standalone runs serve "today's" data, so the wall clock is the right `now` here.
-    store = CallCenterStore.generate(generate_people(args.people, args.seed), args.seed, datetime.now(timezone.utc))
-    faults = Faults(rate_limit_every=args.rate_limit_every, error_rate=args.error_rate, slow_seconds=args.slow_seconds)
-    print(f"call center simulator: {len(store.calls)} calls ({sum(v is None for v in store.truth.values())} "
-          f"from unknown numbers) on http://{args.host}:{args.port}{ENDPOINT}", flush=True)
-    uvicorn.run(create_app(store, args.login, args.password, faults), host=args.host, port=args.port, log_level="info")
+    run_standalone(argv, "Run the call center CDR simulator on loopback.", 8767,
+                   [("--login", "CALLCENTER_API_LOGIN", "Basic auth login"),
+                    ("--password", "CALLCENTER_API_PASSWORD", "Basic auth password")], build)
 
 
 if __name__ == "__main__":

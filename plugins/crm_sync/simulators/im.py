@@ -22,29 +22,27 @@ Guarantees:
   `{"errcode": int, "errmsg": str, ...}`; data comes as `result.items` with page, page_size, total
   and total_pages. Page-number paging is not stable while records change: a record updated during a
   sync moves to a later page, as on the real platform.
-- Faults (the ticketing simulator's `Faults`) apply to the data endpoints only; `POST /_admin/faults`,
-  `GET /_admin/stats` and `POST /_admin/stats/reset` need the same key. `ImServer` runs the app with
-  uvicorn in a background thread on 127.0.0.1 and returns from `start()` only once it answers.
+- Faults (`apiserver.Faults`, re-exported here) apply to the data endpoints only and answer in the same
+  errcode/errmsg shape; `POST /_admin/faults`, `GET /_admin/stats` and `POST /_admin/stats/reset`
+  need the same key. `ImServer` (an `apiserver.ApiServer`) runs the app with uvicorn in a background
+  thread on 127.0.0.1 and returns from `start()` only once it answers.
   `python -m crm_sync.simulators.im` runs it standalone.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import hmac
 import math
-import os
 import random
 import threading
-from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from typing import Sequence
 
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse
 
+from crm_sync.simulators.apiserver import ApiServer, Faults, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import CITIES, Person, render_email, render_name, render_phone
-from crm_sync.simulators.ticketing import Faults, TicketingServer, _before, _parse_ts, _Stats
+from crm_sync.simulators.ticketing import _before, _parse_ts
 
 __all__ = ["ENDPOINTS", "Faults", "ImServer", "ImStore", "create_app", "main"]
 
@@ -58,6 +56,9 @@ SHANGHAI = timezone(timedelta(hours=8), "Asia/Shanghai")
 
 # errcodes in the WeCom style; only 0 and 40001 are part of the pipeline's contract
 ERR_OK, ERR_API_KEY, ERR_PARAM, ERR_FREQ, ERR_BUSY = 0, 40001, 40058, 45009, -1
+_ERRCODES = {400: ERR_PARAM, 401: ERR_API_KEY, 429: ERR_FREQ}  # any other error status: ERR_BUSY
+_FAULT_MESSAGES = {"outage": "system busy (outage)", "rate_limited": "api freq out of limit", "flaky": "system busy",
+                   "internal": "system error", "unavailable": "system busy"}
 
 _AGENTS = ("zhangwei", "LiNa", "wangqiang", "chenjing", "liuyang", "HuangMin", "zhaolei", "sunli")
 _LATIN = {"M": ("Tony", "Kevin", "Jack", "David", "Leo", "Eric", "Frank", "Sam"),
@@ -289,37 +290,17 @@ def create_app(store: ImStore, api_key: str, faults: Faults | None = None):
     """The FastAPI app; `app.state.faults` and `app.state.stats` are the live settings and counters."""
     if not api_key:
         raise ValueError("the IM simulator needs a non-empty API key")
-    app = FastAPI(title="enterprise IM simulator", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.faults = faults or Faults()
-    app.state.stats = _Stats()
-    app.state.error_rng = random.Random(app.state.faults.seed)
+    app = new_app("enterprise IM simulator", faults)
 
-    def error(status: int, errcode: int, errmsg: str, headers: dict | None = None) -> JSONResponse:
+    def error(status: int, errmsg: str, headers: dict | None = None) -> JSONResponse:
+        errcode = _ERRCODES.get(status, ERR_BUSY)
         return JSONResponse({"errcode": errcode, "errmsg": errmsg}, status_code=status, headers=headers)
 
     def unauthorised() -> JSONResponse:
-        return error(401, ERR_API_KEY, "invalid api key")
+        return error(401, "invalid api key")
 
     def authorised(request: Request) -> bool:
         return hmac.compare_digest(request.headers.get("x-api-key", "").strip().encode(), api_key.encode())
-
-    async def misbehave() -> JSONResponse | None:
-        f: Faults = app.state.faults
-        n = app.state.stats.tick()
-        if f.outage:
-            return error(503, ERR_BUSY, "system busy (outage)")
-        if f.rate_limit_every and n % f.rate_limit_every == 0:
-            return error(429, ERR_FREQ, "api freq out of limit", {"Retry-After": str(f.retry_after_seconds)})
-        if f.error_every and n % f.error_every == 0:
-            return error(503, ERR_BUSY, "system busy")
-        if f.error_rate and app.state.error_rng.random() < f.error_rate:
-            status = app.state.error_rng.choice((500, 503))
-            return error(status, ERR_BUSY, "system error" if status == 500 else "system busy")
-        if f.timeout_every and n % f.timeout_every == 0:
-            await asyncio.sleep(f.hang_seconds)
-        if f.slow_seconds:
-            await asyncio.sleep(f.slow_seconds)
-        return None
 
     async def serve(kind: str, request: Request) -> JSONResponse:
         response = await answer(kind, request)
@@ -329,7 +310,7 @@ def create_app(store: ImStore, api_key: str, faults: Faults | None = None):
     async def answer(kind: str, request: Request) -> JSONResponse:
         if not authorised(request):
             return unauthorised()
-        fault = await misbehave()
+        fault = await misbehave(app, error, _FAULT_MESSAGES)
         if fault is not None:
             return fault
         q = request.query_params
@@ -339,14 +320,14 @@ def create_app(store: ImStore, api_key: str, faults: Faults | None = None):
             page = int(q.get("page", 1))
             page_size = int(q.get("page_size", DEFAULT_PAGE_SIZE))
         except (ValueError, TypeError) as exc:
-            return error(400, ERR_PARAM, f"invalid parameter: {exc}")
+            return error(400, f"invalid parameter: {exc}")
         if not 1 <= page_size <= MAX_PAGE_SIZE:
-            return error(400, ERR_PARAM, f"page_size must be between 1 and {MAX_PAGE_SIZE}, got {page_size}")
+            return error(400, f"page_size must be between 1 and {MAX_PAGE_SIZE}, got {page_size}")
         if page < 1:
-            return error(400, ERR_PARAM, f"page starts at 1, got {page}")
+            return error(400, f"page starts at 1, got {page}")
         status = q.get("status") if kind == "sessions" else None
         if status is not None and status not in SESSION_STATUSES:
-            return error(400, ERR_PARAM, f"status must be one of {list(SESSION_STATUSES)}, got {status!r}")
+            return error(400, f"status must be one of {list(SESSION_STATUSES)}, got {status!r}")
         items, total = store.page(kind, modified_from=modified_from, modified_to=modified_to,
                                   page=page, page_size=page_size, status=status)
         return JSONResponse({"errcode": ERR_OK, "errmsg": "ok", "result": {
@@ -362,74 +343,31 @@ def create_app(store: ImStore, api_key: str, faults: Faults | None = None):
     async def sessions(request: Request):
         return await serve("sessions", request)
 
-    @app.post("/_admin/faults")
-    async def set_faults(request: Request):
-        if not authorised(request):
-            return unauthorised()
-        try:
-            changes = await request.json()
-            if not isinstance(changes, dict):
-                raise ValueError("body must be a JSON object")
-            app.state.faults = app.state.faults.updated(**changes)
-        except ValueError as exc:
-            return error(400, ERR_PARAM, str(exc))
-        if "seed" in changes:
-            app.state.error_rng = random.Random(app.state.faults.seed)
-        return asdict(app.state.faults)
-
-    @app.get("/_admin/stats")
-    async def stats(request: Request):
-        if not authorised(request):
-            return unauthorised()
-        return app.state.stats.snapshot()
-
-    @app.post("/_admin/stats/reset")
-    async def reset_stats(request: Request):
-        if not authorised(request):
-            return unauthorised()
-        app.state.stats.reset()
-        return app.state.stats.snapshot()
-
+    install_admin(app, authorised, error, unauthorised)
     return app
 
 
-class ImServer(TicketingServer):
-    """The IM simulator on a background uvicorn thread; use as a context manager or start()/stop().
+class ImServer(ApiServer):
+    """The IM simulator on a background uvicorn thread; use as a context manager or start()/stop()."""
 
-    Starting, stopping, `set_faults`, `reset` and `stats` are the ticketing server's: only the app differs.
-    """
+    name = "IM"
 
     def __init__(self, store: ImStore, api_key: str, faults: Faults | None = None, host: str = "127.0.0.1",
                  port: int = 0):
-        super().__init__(store, api_key, host=host, port=port)  # builds a ticketing app, replaced below
+        super().__init__(create_app(store, api_key, faults), host=host, port=port)
+        self.store = store
         self.api_key = api_key
-        self.app = create_app(store, api_key, faults)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from crm_sync.simulators.people import generate_people
+    def build(args, world, faults):
+        store = ImStore.generate(*world)
+        return create_app(store, args.api_key, faults), (
+            f"IM simulator: {len(store.contacts)} contacts, {len(store.sessions)} sessions "
+            f"({len(store.orphan_sessions)} orphaned) on http://{args.host}:{args.port}")
 
-    parser = argparse.ArgumentParser(description="Run the enterprise IM simulator on loopback.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8766)
-    parser.add_argument("--api-key", default=os.environ.get("IM_API_KEY"),
-                        help="key clients must send as X-Api-Key (default: $IM_API_KEY)")
-    parser.add_argument("--people", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--rate-limit-every", type=int, default=0)
-    parser.add_argument("--error-rate", type=float, default=0.0)
-    parser.add_argument("--slow-seconds", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    if not args.api_key:
-        parser.error("give --api-key or set IM_API_KEY")
-    import uvicorn
-
-    # Standalone runs serve "today's" data, so the wall clock is the right `now` here.
-    store = ImStore.generate(generate_people(args.people, args.seed), args.seed, datetime.now(timezone.utc))
-    faults = Faults(rate_limit_every=args.rate_limit_every, error_rate=args.error_rate, slow_seconds=args.slow_seconds)
-    print(f"IM simulator: {len(store.contacts)} contacts, {len(store.sessions)} sessions "
-          f"({len(store.orphan_sessions)} orphaned) on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(store, args.api_key, faults), host=args.host, port=args.port, log_level="info")
+    run_standalone(argv, "Run the enterprise IM simulator on loopback.", 8766,
+                   [("--api-key", "IM_API_KEY", "key clients must send as X-Api-Key")], build)
 
 
 if __name__ == "__main__":

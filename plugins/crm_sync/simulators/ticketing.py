@@ -12,32 +12,30 @@ Guarantees:
   "next_cursor": str | null}`. The cursor encodes the last (updated_at, id) returned, so paging
   stays stable while records change: every record inside the window is seen once, unless it is
   updated past the cursor, in which case it reappears later (as on the real desk).
-- Faults are configured at construction or at runtime (`POST /_admin/faults`), and every call to
-  the data endpoints is counted by endpoint and status (`GET /_admin/stats`), so tests can prove
-  how many billed calls a sync made. Faults apply to the data endpoints only; the admin endpoints
-  need the same token.
-- `TicketingServer` runs the app with uvicorn in a background thread on 127.0.0.1 and returns
-  from `start()` only once it answers. `python -m crm_sync.simulators.ticketing` runs it standalone.
+- Faults (`apiserver.Faults`, re-exported here) are configured at construction or at runtime
+  (`POST /_admin/faults`), and every call to the data endpoints is counted by endpoint and status
+  (`GET /_admin/stats`), so tests can prove how many billed calls a sync made. Faults apply to the
+  data endpoints only; the admin endpoints need the same token. Errors, fault answers included,
+  are `{"error": str, "status": int}`.
+- `TicketingServer` (an `apiserver.ApiServer`) runs the app with uvicorn in a background thread on
+  127.0.0.1 and returns from `start()` only once it answers. `python -m crm_sync.simulators.ticketing`
+  runs it standalone.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import hmac
 import json
-import os
 import random
-import socket
 import threading
-import time
-from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Sequence
+from typing import Sequence
 
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse
 
+# Faults is re-exported: callers import it from here
+from crm_sync.simulators.apiserver import ApiServer, Faults, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import Person, render_email, render_name, render_phone
 
 ENDPOINTS = {"users": "/api/v2/users", "tickets": "/api/v2/tickets"}
@@ -46,33 +44,6 @@ TICKET_STATUSES = ("new", "open", "pending", "hold", "solved", "closed")
 TICKET_PRIORITIES = ("low", "normal", "high", "urgent")
 _SUBJECTS = ("发票开错了，请重开", "订单一直没有发货", "无法登录账户", "申请退款", "产品使用咨询", "合同续签",
              "更换联系人电话", "物流信息不更新", "报价单请求", "售后维修预约", "Invoice copy needed", "API access request")
-
-
-@dataclass(frozen=True)
-class Faults:
-    """What the desk does wrong. Zero / False everywhere means a well-behaved API."""
-
-    rate_limit_every: int = 0        # every Nth data request answers 429
-    retry_after_seconds: int = 1     # the Retry-After header of those 429s
-    error_rate: float = 0.0          # this fraction of data requests answers 503 or 500
-    error_every: int = 0             # every Nth data request answers 503 (a deterministic flaky desk)
-    slow_seconds: float = 0.0        # every data request waits this long first
-    timeout_every: int = 0           # every Nth data request hangs for hang_seconds
-    hang_seconds: float = 30.0       # longer than any sane client timeout
-    outage: bool = False             # every data request answers 503
-    seed: int = 0                    # of the error_rate draws, so a failing run can be replayed
-
-    def updated(self, **changes: Any) -> "Faults":
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown fault settings {unknown}; known: {sorted(known)}")
-        for name, value in changes.items():
-            expected = type(getattr(self, name))
-            allowed = (int, float) if expected is float else expected
-            if not isinstance(value, allowed) or (expected is not bool and isinstance(value, bool)):
-                raise ValueError(f"fault setting {name} must be {expected.__name__}, got {value!r}")
-        return replace(self, **changes)
 
 
 def _iso(ts: datetime, rng: random.Random) -> str:
@@ -216,43 +187,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return _parse_ts(ts), str(record_id)
 
 
-class _Stats:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.by_endpoint: dict[str, dict[str, int]] = {}
-        self.requests = 0  # authenticated data requests, the clock of the every-Nth faults
-
-    def record(self, endpoint: str, status: int) -> None:
-        with self.lock:
-            counts = self.by_endpoint.setdefault(endpoint, {})
-            counts[str(status)] = counts.get(str(status), 0) + 1
-
-    def tick(self) -> int:
-        with self.lock:
-            self.requests += 1
-            return self.requests
-
-    def snapshot(self) -> dict:
-        with self.lock:
-            return {
-                "calls": sum(sum(c.values()) for c in self.by_endpoint.values()),
-                "by_endpoint": {e: dict(c) for e, c in self.by_endpoint.items()},
-            }
-
-    def reset(self) -> None:
-        with self.lock:
-            self.by_endpoint.clear()
-            self.requests = 0
-
-
 def create_app(store: TicketingStore, token: str, faults: Faults | None = None):
     """The FastAPI app; `app.state.faults` and `app.state.stats` are the live settings and counters."""
     if not token:
         raise ValueError("the ticketing simulator needs a non-empty API token")
-    app = FastAPI(title="ticketing desk simulator", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.faults = faults or Faults()
-    app.state.stats = _Stats()
-    app.state.error_rng = random.Random(app.state.faults.seed)
+    app = new_app("ticketing desk simulator", faults)
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
@@ -260,24 +199,6 @@ def create_app(store: TicketingStore, token: str, faults: Faults | None = None):
     def authorised(request: Request) -> bool:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
-
-    async def misbehave() -> JSONResponse | None:
-        f: Faults = app.state.faults
-        n = app.state.stats.tick()
-        if f.outage:
-            return error(503, "service unavailable (outage)")
-        if f.rate_limit_every and n % f.rate_limit_every == 0:
-            return error(429, "rate limit exceeded", {"Retry-After": str(f.retry_after_seconds)})
-        if f.error_every and n % f.error_every == 0:
-            return error(503, "service unavailable (flaky)")
-        if f.error_rate and app.state.error_rng.random() < f.error_rate:
-            status = app.state.error_rng.choice((500, 503))
-            return error(status, "internal error" if status == 500 else "service unavailable")
-        if f.timeout_every and n % f.timeout_every == 0:
-            await asyncio.sleep(f.hang_seconds)
-        if f.slow_seconds:
-            await asyncio.sleep(f.slow_seconds)
-        return None
 
     async def serve(kind: str, request: Request) -> JSONResponse:
         endpoint = ENDPOINTS[kind]
@@ -288,7 +209,7 @@ def create_app(store: TicketingStore, token: str, faults: Faults | None = None):
     async def answer(kind: str, request: Request) -> JSONResponse:
         if not authorised(request):
             return error(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-        fault = await misbehave()
+        fault = await misbehave(app, error)
         if fault is not None:
             return fault
         q = request.query_params
@@ -312,128 +233,30 @@ def create_app(store: TicketingStore, token: str, faults: Faults | None = None):
     async def tickets(request: Request):
         return await serve("tickets", request)
 
-    @app.post("/_admin/faults")
-    async def set_faults(request: Request):
-        if not authorised(request):
-            return error(401, "missing or invalid bearer token")
-        try:
-            changes = await request.json()
-            if not isinstance(changes, dict):
-                raise ValueError("body must be a JSON object")
-            app.state.faults = app.state.faults.updated(**changes)
-        except ValueError as exc:
-            return error(400, str(exc))
-        if "seed" in changes:
-            app.state.error_rng = random.Random(app.state.faults.seed)
-        return asdict(app.state.faults)
-
-    @app.get("/_admin/stats")
-    async def stats(request: Request):
-        if not authorised(request):
-            return error(401, "missing or invalid bearer token")
-        return app.state.stats.snapshot()
-
-    @app.post("/_admin/stats/reset")
-    async def reset_stats(request: Request):
-        if not authorised(request):
-            return error(401, "missing or invalid bearer token")
-        app.state.stats.reset()
-        return app.state.stats.snapshot()
-
+    install_admin(app, authorised, error, unauthorised=lambda: error(401, "missing or invalid bearer token"))
     return app
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+class TicketingServer(ApiServer):
+    """The ticketing simulator on a background uvicorn thread; use as a context manager or start()/stop()."""
 
-
-class TicketingServer:
-    """The simulator on a background uvicorn thread; use as a context manager or start()/stop()."""
+    name = "ticketing"
 
     def __init__(self, store: TicketingStore, token: str, host: str = "127.0.0.1", port: int = 0,
                  faults: Faults | None = None):
+        super().__init__(create_app(store, token, faults), host=host, port=port)
         self.store = store
-        self.host = host
-        self.port = port or free_port(host)
-        self.app = create_app(store, token, faults)
-        self._server = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> "TicketingServer":
-        import uvicorn
-
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name=f"ticketing-sim-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"ticketing simulator did not start on {self.base_url}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "TicketingServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def set_faults(self, **changes: Any) -> Faults:
-        self.app.state.faults = self.app.state.faults.updated(**changes)
-        if "seed" in changes:
-            self.app.state.error_rng = random.Random(self.app.state.faults.seed)
-        return self.app.state.faults
-
-    def reset(self) -> None:
-        """Back to a well-behaved API with zeroed counters."""
-        self.app.state.faults = Faults()
-        self.app.state.error_rng = random.Random(0)
-        self.app.state.stats.reset()
-
-    def stats(self) -> dict:
-        return self.app.state.stats.snapshot()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from crm_sync.simulators.people import generate_people
+    def build(args, world, faults):
+        store = TicketingStore.generate(*world)
+        return create_app(store, args.token, faults), (
+            f"ticketing simulator: {len(store.users)} users, {len(store.tickets)} tickets "
+            f"on http://{args.host}:{args.port}")
 
-    parser = argparse.ArgumentParser(description="Run the ticketing desk simulator on loopback.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--token", default=os.environ.get("TICKETING_API_TOKEN"),
-                        help="bearer token clients must present (default: $TICKETING_API_TOKEN)")
-    parser.add_argument("--people", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--rate-limit-every", type=int, default=0)
-    parser.add_argument("--error-rate", type=float, default=0.0)
-    parser.add_argument("--slow-seconds", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    if not args.token:
-        parser.error("give --token or set TICKETING_API_TOKEN")
-    import uvicorn
-
-    # Standalone runs serve "today's" data, so the wall clock is the right `now` here.
-    store = TicketingStore.generate(generate_people(args.people, args.seed), args.seed, datetime.now(timezone.utc))
-    faults = Faults(rate_limit_every=args.rate_limit_every, error_rate=args.error_rate, slow_seconds=args.slow_seconds)
-    print(f"ticketing simulator: {len(store.users)} users, {len(store.tickets)} tickets "
-          f"on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(store, args.token, faults), host=args.host, port=args.port, log_level="info")
+    run_standalone(argv, "Run the ticketing desk simulator on loopback.", 8765,
+                   [("--token", "TICKETING_API_TOKEN", "bearer token clients must present")], build)
 
 
 if __name__ == "__main__":

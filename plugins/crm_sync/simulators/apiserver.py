@@ -1,0 +1,287 @@
+"""The plumbing the loopback API simulators (ticketing, IM, call center) share; each keeps its own dialect.
+
+Guarantees:
+- `Faults` is what a simulated API does wrong; zero / False everywhere means a well-behaved API.
+  `new_app(title, faults)` makes a FastAPI app (no docs endpoints) whose `app.state.faults`,
+  `app.state.stats` (a `_Stats`) and `app.state.error_rng` are the live settings, counters and the
+  seeded draws of `error_rate`; `set_faults(app, **changes)` validates and applies changes, and
+  re-seeds the draws when `seed` changes.
+- `misbehave(app, error, messages)` is called by a data endpoint once the caller is authorised: it
+  counts the request (the clock of the every-Nth faults) and returns the fault's response, built by
+  the simulator's own `error(status, message, headers)` from `messages` (keys: outage, rate_limited,
+  flaky, internal, unavailable), or None after any hang or slow-down. In order: `outage` -> 503,
+  every `rate_limit_every`th -> 429 with `Retry-After`, every `error_every`th -> 503, `error_rate`
+  -> 500 or 503, then every `timeout_every`th hangs `hang_seconds` and `slow_seconds` delays all.
+- `install_admin(app, authorised, error, unauthorised)` adds `POST /_admin/faults` (a JSON object of
+  changes; 400 via `error` if it is not one or names an unknown or mistyped setting),
+  `GET /_admin/stats` and `POST /_admin/stats/reset`, each answering `unauthorised()` unless
+  `authorised(request)`.
+- `ApiServer(app, host, port)` runs an app with uvicorn in a background thread (on a free port when
+  `port` is 0) and returns from `start()` only once it answers; it is a context manager and offers
+  `set_faults`, `reset` (well-behaved, zeroed counters) and `stats`.
+- `run_standalone(argv, description, port, credentials, build)` is a simulator's `python -m` entry
+  point: the common flags (host, port, people, seed and the rate-limit, error-rate and slow faults)
+  plus its own required credentials, each defaulting to an environment variable.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse
+
+__all__ = ["Faults", "ApiServer", "ErrorResponse", "HTTP_FAULT_MESSAGES", "free_port", "faults_from_args",
+           "install_admin", "misbehave", "new_app", "run_standalone", "set_faults", "simulator_parser"]
+
+ErrorResponse = Callable[..., JSONResponse]  # error(status, message, headers=None), in the simulator's dialect
+
+# The fault messages of a plain REST API; a simulator with another vocabulary passes its own.
+HTTP_FAULT_MESSAGES = {
+    "outage": "service unavailable (outage)",
+    "rate_limited": "rate limit exceeded",
+    "flaky": "service unavailable (flaky)",
+    "internal": "internal error",
+    "unavailable": "service unavailable",
+}
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What a simulated API does wrong. Zero / False everywhere means a well-behaved API."""
+
+    rate_limit_every: int = 0        # every Nth data request answers 429
+    retry_after_seconds: int = 1     # the Retry-After header of those 429s
+    error_rate: float = 0.0          # this fraction of data requests answers 503 or 500
+    error_every: int = 0             # every Nth data request answers 503 (a deterministic flaky API)
+    slow_seconds: float = 0.0        # every data request waits this long first
+    timeout_every: int = 0           # every Nth data request hangs for hang_seconds
+    hang_seconds: float = 30.0       # longer than any sane client timeout
+    outage: bool = False             # every data request answers 503
+    seed: int = 0                    # of the error_rate draws, so a failing run can be replayed
+
+    def updated(self, **changes: Any) -> "Faults":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown fault settings {unknown}; known: {sorted(known)}")
+        for name, value in changes.items():
+            expected = type(getattr(self, name))
+            allowed = (int, float) if expected is float else expected
+            if not isinstance(value, allowed) or (expected is not bool and isinstance(value, bool)):
+                raise ValueError(f"fault setting {name} must be {expected.__name__}, got {value!r}")
+        return replace(self, **changes)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_endpoint: dict[str, dict[str, int]] = {}
+        self.requests = 0  # authenticated data requests, the clock of the every-Nth faults
+
+    def record(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            counts = self.by_endpoint.setdefault(endpoint, {})
+            counts[str(status)] = counts.get(str(status), 0) + 1
+
+    def tick(self) -> int:
+        with self.lock:
+            self.requests += 1
+            return self.requests
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "calls": sum(sum(c.values()) for c in self.by_endpoint.values()),
+                "by_endpoint": {e: dict(c) for e, c in self.by_endpoint.items()},
+            }
+
+    def reset(self) -> None:
+        with self.lock:
+            self.by_endpoint.clear()
+            self.requests = 0
+
+
+def new_app(title: str, faults: Faults | None = None) -> FastAPI:
+    """A FastAPI app without docs endpoints, with the live fault settings, counters and draws in `app.state`."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.faults = faults or Faults()
+    app.state.stats = _Stats()
+    app.state.error_rng = random.Random(app.state.faults.seed)
+    return app
+
+
+def set_faults(app: FastAPI, **changes: Any) -> Faults:
+    """Apply `changes` to the app's faults (ValueError if one is unknown or mistyped); re-seed on `seed`."""
+    app.state.faults = app.state.faults.updated(**changes)
+    if "seed" in changes:
+        app.state.error_rng = random.Random(app.state.faults.seed)
+    return app.state.faults
+
+
+async def misbehave(app: FastAPI, error: ErrorResponse,
+                    messages: Mapping[str, str] = HTTP_FAULT_MESSAGES) -> JSONResponse | None:
+    """Count an authorised data request; the fault's response if it fails, else None (after any hang or delay)."""
+    f: Faults = app.state.faults
+    n = app.state.stats.tick()
+    if f.outage:
+        return error(503, messages["outage"])
+    if f.rate_limit_every and n % f.rate_limit_every == 0:
+        return error(429, messages["rate_limited"], {"Retry-After": str(f.retry_after_seconds)})
+    if f.error_every and n % f.error_every == 0:
+        return error(503, messages["flaky"])
+    if f.error_rate and app.state.error_rng.random() < f.error_rate:
+        status = app.state.error_rng.choice((500, 503))
+        return error(status, messages["internal"] if status == 500 else messages["unavailable"])
+    if f.timeout_every and n % f.timeout_every == 0:
+        await asyncio.sleep(f.hang_seconds)
+    if f.slow_seconds:
+        await asyncio.sleep(f.slow_seconds)
+    return None
+
+
+def install_admin(app: FastAPI, authorised: Callable[[Request], bool], error: ErrorResponse,
+                  unauthorised: Callable[[], JSONResponse]) -> None:
+    """Add the `/_admin/faults`, `/_admin/stats` and `/_admin/stats/reset` endpoints, guarded by `authorised`."""
+
+    def guarded(handler: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
+        async def endpoint(request: Request):
+            return await handler(request) if authorised(request) else unauthorised()
+        return endpoint
+
+    async def faults(request: Request):
+        try:
+            changes = await request.json()
+            if not isinstance(changes, dict):
+                raise ValueError("body must be a JSON object")
+            set_faults(app, **changes)
+        except ValueError as exc:
+            return error(400, str(exc))
+        return asdict(app.state.faults)
+
+    async def stats(request: Request):
+        return app.state.stats.snapshot()
+
+    async def reset_stats(request: Request):
+        app.state.stats.reset()
+        return app.state.stats.snapshot()
+
+    app.add_api_route("/_admin/faults", guarded(faults), methods=["POST"])
+    app.add_api_route("/_admin/stats", guarded(stats), methods=["GET"])
+    app.add_api_route("/_admin/stats/reset", guarded(reset_stats), methods=["POST"])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ApiServer:
+    """An app on a background uvicorn thread; use as a context manager or start()/stop()."""
+
+    name = "API"  # "<name> simulator did not start on ..."
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        self.app = app
+        self.host = host
+        self.port = port or free_port(host)
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0):
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
+                                lifespan="off", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name=f"{self.name} simulator :{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} simulator did not start on {self.base_url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def set_faults(self, **changes: Any) -> Faults:
+        return set_faults(self.app, **changes)
+
+    def reset(self) -> None:
+        """Back to a well-behaved API with zeroed counters."""
+        self.app.state.faults = Faults()
+        self.app.state.error_rng = random.Random(self.app.state.faults.seed)
+        self.app.state.stats.reset()
+
+    def stats(self) -> dict:
+        return self.app.state.stats.snapshot()
+
+
+def simulator_parser(description: str, port: int) -> argparse.ArgumentParser:
+    """The flags every simulator's `python -m` takes; the caller adds its own credentials."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--people", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--rate-limit-every", type=int, default=0)
+    parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument("--slow-seconds", type=float, default=0.0)
+    return parser
+
+
+def faults_from_args(args: argparse.Namespace) -> Faults:
+    return Faults(rate_limit_every=args.rate_limit_every, error_rate=args.error_rate, slow_seconds=args.slow_seconds)
+
+
+def run_standalone(argv: Sequence[str] | None, description: str, port: int,
+                   credentials: Sequence[tuple[str, str, str]],
+                   build: Callable[[argparse.Namespace, tuple[Sequence, int, datetime], Faults], tuple[FastAPI, str]]
+                   ) -> None:
+    """A simulator's `main`: parse the common flags plus `credentials`, build the app, print a banner, serve.
+
+    `credentials` are (flag, environment variable that is its default, help), all required;
+    `build(args, (people, seed, now), faults)` returns the app and the banner.
+    """
+    from crm_sync.simulators.people import generate_people
+
+    parser = simulator_parser(description, port)
+    for flag, env, text in credentials:
+        parser.add_argument(flag, default=os.environ.get(env), help=f"{text} (default: ${env})")
+    args = parser.parse_args(argv)
+    if not all(getattr(args, flag.lstrip("-").replace("-", "_")) for flag, _, _ in credentials):
+        parser.error(f"give {' and '.join(c[0] for c in credentials)} or set {' and '.join(c[1] for c in credentials)}")
+    import uvicorn
+
+    # Standalone runs serve "today's" data, so the wall clock is the right `now` here.
+    world = (generate_people(args.people, args.seed), args.seed, datetime.now(timezone.utc))
+    app, banner = build(args, world, faults_from_args(args))
+    print(banner, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
