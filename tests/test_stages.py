@@ -48,6 +48,24 @@ def test_stage_records_quarantines_missing_keys_and_keeps_newest_version(conn):
         assert cur.fetchone()[0] == 0
 
 
+def test_a_nul_character_or_a_10000_character_key_quarantines_that_record_only(conn):
+    cfg = load_source("ticketing")
+    stream = cfg.stream("users")
+    window = watermark.Window(since=None, until=T0 + timedelta(hours=1))
+    nul = _user("u-nul", 1, organization={"name": "Acme\x00Ltd"})
+    huge = _user("k" * 10_000, 2)
+    result = ex.stage_records(conn, "run-nul", cfg, stream, window, [[_user("u1", 1), nul, huge, _user("u2", 3)]])
+
+    assert (result.rows, result.rejected) == (2, 2)
+    with conn.cursor() as cur:
+        cur.execute("select source_pk, field, reason, payload from sync.quarantine where run_id = 'run-nul'"
+                    " order by field")
+        (key_pk, key_field, key_reason, _), (nul_pk, nul_field, nul_reason, nul_payload) = cur.fetchall()
+    assert key_field == "id" and "10000 characters long" in key_reason and len(key_pk) < 100
+    assert (nul_pk, nul_field) == ("u-nul", "organization.name") and "NUL" in nul_reason
+    assert nul_payload["organization"]["name"] == "Acme\u2400Ltd"  # kept, visibly, not lost
+
+
 def test_a_field_missing_from_every_record_is_schema_drift(conn):
     cfg = load_source("ticketing")
     stream = cfg.stream("users")

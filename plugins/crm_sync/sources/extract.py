@@ -35,6 +35,41 @@ def _parse_ts(value) -> datetime | None:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
+MAX_KEY_CHARS = 512  # a longer "key" is a broken record, and would not fit a B-tree index entry
+
+
+def _nul_field(value, path: str = "") -> str | None:
+    """The dotted path of the first string holding a NUL character, if any."""
+    if isinstance(value, str):
+        return path or "(value)" if "\x00" in value else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _nul_field(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _printable(record: dict) -> dict:
+    """The record as it can be kept in the quarantine: NULs shown as U+2400, long texts cut."""
+    def clean(value):
+        if isinstance(value, str):
+            value = value.replace("\x00", "\u2400")
+            return value if len(value) <= 2000 else value[:2000] + f"… ({len(value)} characters)"
+        if isinstance(value, dict):
+            return {str(k)[:200]: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(record)
+
+
 def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, window: Window,
                   batches: Iterable[list[dict]], extra_rejects: Iterable[quarantine.Reject] = ()) -> ExtractResult:
     """Write the records of `batches` to staging in one transaction (caller commits).
@@ -53,6 +88,18 @@ def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, wi
                                                  "primary key is missing", record))
                 continue
             pk = str(pk)
+            if len(pk) > MAX_KEY_CHARS:
+                rejects.append(quarantine.Reject(
+                    stream.name, pk[:80] + "…", "extract", stream.primary_key,
+                    f"primary key is {len(pk)} characters long, more than the {MAX_KEY_CHARS} a key may have",
+                    _printable(record)))
+                continue
+            bad = _nul_field(record)
+            if bad is not None:
+                rejects.append(quarantine.Reject(stream.name, pk, "extract", bad,
+                                                 "contains a NUL character, which no PostgreSQL text can hold",
+                                                 _printable(record)))
+                continue
             try:
                 cursor_value = _parse_ts(record.get(stream.cursor_field))
             except (TypeError, ValueError):

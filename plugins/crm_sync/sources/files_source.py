@@ -495,7 +495,9 @@ class FilesExtractor(Extractor):
 
     @property
     def notices(self) -> list[str]:
-        return [f"file {f.name!r} was rejected and goes to rejected/ with {f.name}.reason.txt: {f.reason}"
+        return [f"file {f.name!r} was rejected and goes to rejected/ with {f.name}.reason.txt: {f.reason}. "
+                "To load it: save it as XLSX or CSV (UTF-8 or GBK) with a header the source YAML names, "
+                "and drop it into the landing folder again; the next run reads it."
                 for f in self.files if f.state == "rejected"]
 
     def bind(self, cur) -> "FilesExtractor":
