@@ -15,9 +15,8 @@ from crm_sync.config import SourceConfig
 from crm_sync.simulators import spreadsheet
 from crm_sync.simulators.people import generate_people
 from crm_sync.sources import base
-from crm_sync.sources.files_source import (
-    FileRejected, FilesExtractor, decode_text, header_norm, integral_text, read_file, record_key, sha256_file,
-)
+from crm_sync.sources.files_source import FilesExtractor, sha256_file
+from crm_sync.sources.sheets import FileRejected, decode_text, header_norm, integral_text, read_file, record_key
 from crm_sync.watermark import Window
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
