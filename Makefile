@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_load.py $(BENCH_LOAD_ARGS)
 	$(BIN)/python bench/bench_identity.py $(BENCH_IDENTITY_ARGS)
 	$(BIN)/python bench/bench_linkage.py $(BENCH_LINKAGE_ARGS)
+	$(BIN)/python bench/bench_sources.py $(BENCH_SOURCES_ARGS)
 
 db-stop: $(STAMP)
 	$(BIN)/crm-sync db-stop

@@ -200,4 +200,5 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
         written = staging.copy_rows(cur, table, ["run_id", "source", "stream", "source_pk", *columns, "row_hash"],
                                     out_rows)
         quarantine.add(cur, run_id, cfg.source, rejects)
+        staging.analyze(cur, table)
     return MapResult(mapped=written, rejected=len(rejects))

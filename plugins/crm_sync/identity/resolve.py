@@ -259,6 +259,8 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
             ((run_id, cfg.source, customer(s), customer(ab), ra, rb, float(p), _json(ex))
              for s, ab, ra, rb, p, ex in merges[["survivor", "absorbed", "record_a", "record_b", "probability",
                                                  "explanation"]].itertuples(index=False, name=None)))
+        for table in ("stg.resolved", "stg.identity_input", "stg.match_key"):
+            staging.analyze(cur, table)
         runlog.update(cur, run_id, cfg.source, ids_linked=counts["linked"], ids_merged=counts["merged"],
                       ids_new=len(new_customers), ids_review=len(review))
         log.info("resolve %s/%s: %d records (%d master candidates): %s, %d new customers, %d review pairs, "

@@ -123,6 +123,7 @@ def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, wi
             ((run_id, cfg.source, stream.name, pk, cv, staging.to_json(rec)) for pk, (cv, rec) in latest.items()),
         )
         quarantine.add(cur, run_id, cfg.source, rejects)
+        staging.analyze(cur, "stg.extracted")
     return ExtractResult(rows=rows, rejected=len(rejects), since=window.since, until=window.until)
 
 
