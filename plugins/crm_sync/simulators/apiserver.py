@@ -285,3 +285,45 @@ def run_standalone(argv: Sequence[str] | None, description: str, port: int,
     app, banner = build(args, world, faults_from_args(args))
     print(banner, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+class OrderedView:
+    """Records of a store in (timestamp, id) order, sorted once and re-sorted only when they change.
+
+    A page is then a bisect and a slice, not a parse-filter-sort of every record: at 100,000
+    records a sync of 500 pages no longer spends minutes inside the simulator. Whether the records
+    changed is read from a cheap signature of the fields the order and the filter depend on, so a
+    test (or `apply_changes`) may edit records in place without telling the view.
+    """
+
+    def __init__(self, ts_field: str, id_field: str, group_field: str | None = None) -> None:
+        self.ts_field, self.id_field, self.group_field = ts_field, id_field, group_field
+        self._signature: int | None = None
+        self._groups: dict = {}
+
+    def _parse(self, text: str):
+        from crm_sync.simulators.ticketing import _parse_ts
+
+        return _parse_ts(text)
+
+    def slice(self, records: list[dict], *, lower: datetime | None, upper: datetime | None,
+              group=None) -> tuple[list[tuple], list[dict], int, int]:
+        """(keys, records, lo, hi): positions lo..hi hold lower <= timestamp < upper, of one group
+        when `group_field` is set (group None = all records). The lists are shared: do not modify."""
+        from bisect import bisect_left
+
+        g = self.group_field
+        signature = hash(tuple((r[self.id_field], r[self.ts_field], r.get(g) if g else None) for r in records))
+        if signature != self._signature:
+            keyed = sorted((((self._parse(r[self.ts_field]), r[self.id_field]), r) for r in records),
+                           key=lambda kr: kr[0])
+            self._groups = {None: ([k for k, _ in keyed], [r for _, r in keyed])}
+            if g:
+                for value in {r.get(g) for r in records}:
+                    part = [(k, r) for k, r in keyed if r.get(g) == value]
+                    self._groups[value] = ([k for k, _ in part], [r for _, r in part])
+            self._signature = signature
+        keys, recs = self._groups.get(group, ([], []))
+        lo = 0 if lower is None else bisect_left(keys, (lower, ""))
+        hi = len(keys) if upper is None else bisect_left(keys, (upper, ""))
+        return keys, recs, lo, hi

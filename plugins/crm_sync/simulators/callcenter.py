@@ -50,7 +50,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 from fastapi.responses import JSONResponse
 
 # Faults is re-exported: callers import it from here
-from crm_sync.simulators.apiserver import ApiServer, Faults, install_admin, misbehave, new_app, run_standalone
+from crm_sync.simulators.apiserver import ApiServer, Faults, OrderedView, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import CITIES, Person, render_phone
 from crm_sync.simulators.ticketing import _parse_ts
 
@@ -125,6 +125,7 @@ class CallCenterStore:
         # The demo pickles the store between runs; a lock cannot be pickled.
         state = self.__dict__.copy()
         del state["lock"]
+        state.pop("_views", None)  # a cache of the record order, rebuilt on demand
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -260,11 +261,9 @@ class CallCenterStore:
     def window(self, created_from: datetime | None, created_to: datetime | None) -> list[dict]:
         """The calls with created_from <= created_at < created_to, ordered by (created_at, call_id)."""
         with self.lock:
-            keyed = [((_parse_ts(c["created_at"]), c["call_id"]), c) for c in self.calls]
-        keyed = [(k, c) for k, c in keyed
-                 if (created_from is None or k[0] >= created_from) and (created_to is None or k[0] < created_to)]
-        keyed.sort(key=lambda item: item[0])
-        return [c for _, c in keyed]
+            view = self.__dict__.setdefault("_views", {}).setdefault("calls", OrderedView("created_at", "call_id"))
+            _, records, lo, hi = view.slice(self.calls, lower=created_from, upper=created_to)
+            return records[lo:hi]
 
 
 def create_app(store: CallCenterStore, login: str, password: str, faults: Faults | None = None):

@@ -40,7 +40,7 @@ from typing import Sequence
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse
 
-from crm_sync.simulators.apiserver import ApiServer, Faults, install_admin, misbehave, new_app, run_standalone
+from crm_sync.simulators.apiserver import ApiServer, Faults, OrderedView, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import CITIES, Person, render_email, render_name, render_phone
 from crm_sync.simulators.ticketing import _before, _parse_ts
 
@@ -138,6 +138,7 @@ class ImStore:
         # The demo pickles stores between runs; a lock cannot be pickled.
         state = self.__dict__.copy()
         del state["lock"]
+        state.pop("_views", None)  # a cache of the record order, rebuilt on demand
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -274,16 +275,13 @@ class ImStore:
     def page(self, kind: str, *, modified_from: datetime | None, modified_to: datetime | None,
              page: int, page_size: int, status: str | None = None) -> tuple[list[dict], int]:
         """Page `page` (from 1) of `kind` in (updated_at, id) order, and the total matching the filters."""
-        id_field = ID_FIELD[kind]
         with self.lock:
-            records = self.contacts if kind == "contacts" else self.sessions
-            keyed = [((_parse_ts(r["updated_at"]), r[id_field]), r) for r in records
-                     if status is None or r.get("status") == status]
-            keyed = [(k, dict(r)) for k, r in keyed
-                     if (modified_from is None or k[0] >= modified_from) and (modified_to is None or k[0] < modified_to)]
-        keyed.sort(key=lambda item: item[0])
-        offset = (page - 1) * page_size
-        return [r for _, r in keyed[offset:offset + page_size]], len(keyed)
+            view = self.__dict__.setdefault("_views", {}).setdefault(
+                kind, OrderedView("updated_at", ID_FIELD[kind], group_field="status"))
+            _, records, lo, hi = view.slice(self.contacts if kind == "contacts" else self.sessions,
+                                            lower=modified_from, upper=modified_to, group=status)
+            start = lo + (page - 1) * page_size
+            return [dict(r) for r in records[start:min(start + page_size, hi)]], hi - lo
 
 
 def create_app(store: ImStore, api_key: str, faults: Faults | None = None):

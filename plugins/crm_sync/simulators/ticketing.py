@@ -35,7 +35,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 from fastapi.responses import JSONResponse
 
 # Faults is re-exported: callers import it from here
-from crm_sync.simulators.apiserver import ApiServer, Faults, install_admin, misbehave, new_app, run_standalone
+from crm_sync.simulators.apiserver import ApiServer, Faults, OrderedView, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import Person, render_email, render_name, render_phone
 
 ENDPOINTS = {"users": "/api/v2/users", "tickets": "/api/v2/tickets"}
@@ -79,6 +79,7 @@ class TicketingStore:
         # The demo pickles the store between runs; a lock cannot be pickled.
         state = self.__dict__.copy()
         del state["lock"]
+        state.pop("_views", None)  # a cache of the record order, rebuilt on demand
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -162,14 +163,15 @@ class TicketingStore:
     def page(self, kind: str, *, since: datetime | None, before: datetime | None, limit: int,
              after: tuple[datetime, str] | None) -> tuple[list[dict], tuple[datetime, str] | None]:
         """One page of `kind` in (updated_at, id) order, and the key to continue after, if any."""
+        from bisect import bisect_right
+
         with self.lock:
-            keyed = [((_record_ts(r), r["id"]), r) for r in (self.users if kind == "users" else self.tickets)]
-        keyed = [(k, r) for k, r in keyed
-                 if (since is None or k[0] >= since) and (before is None or k[0] < before) and (after is None or k > after)]
-        keyed.sort(key=lambda item: item[0])
-        page = keyed[:limit]
-        more = len(keyed) > limit
-        return [dict(r) for _, r in page], (page[-1][0] if more else None)
+            view = self.__dict__.setdefault("_views", {}).setdefault(kind, OrderedView("updated_at", "id"))
+            keys, records, lo, hi = view.slice(self.users if kind == "users" else self.tickets,
+                                               lower=since, upper=before)
+            start = max(lo, bisect_right(keys, after, lo, hi)) if after is not None else lo
+            end = min(start + limit, hi)
+            return [dict(r) for r in records[start:end]], (keys[end - 1] if end < hi else None)
 
 
 def _before(rng: random.Random, now: datetime, max_seconds: int) -> datetime:
