@@ -18,15 +18,12 @@ The SQL sources are seeded into throw-away databases of their own; the API simul
 their stores from this process on loopback, without faults; the spreadsheet lists go to a
 temporary landing folder. All six sources load into one fresh, migrated CRM database, so a later
 source resolves against the customers the earlier ones created. Databases are on the server of
-`CRM_SYNC_DSN`, else on the embedded PostgreSQL under `.local/pg-bench`, and dropped at the end.
+`CRM_SYNC_DSN`, else on the embedded PostgreSQL under `.local/pg-bench`; their names carry the
+process id (two runs on one server must not drop each other's), and they are dropped at the end.
 
 Caveats the figures carry: an API source's extract includes the simulator answering in the same
-process (its own share is printed: its stores filter and sort every record for every page);
-the finance generator knows at most 1,920 companies, so finance stops at about 5,000 rows
-whatever --rows asks, and im runs at 70% of --rows (`SIZE_FACTOR`); the real counts are printed.
-The pipeline does not ANALYZE the staging tables it has just filled, so whether autovacuum has
-analysed them before the next stage reads them decides its plans (a nested loop over the run's
-rows instead of a hash join): map and reconcile figures vary from run to run. Peak RSS is this Python process's high-water
+process (its own share is printed); the finance generator knows at most 1,920 companies, so
+finance stops at about 5,000 rows whatever --rows asks (the real count is printed). Peak RSS is this Python process's high-water
 mark during the source's pipeline (the sample store it serves included), reset before each source
 where Linux allows; PostgreSQL's processes and resolve's worker processes are not included.
 Nothing about time is asserted. The last line is JSON: {"sources": {name: {"rows", "stages", "rows_per_s"}}}.
@@ -36,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -57,13 +56,11 @@ SOURCES = ("erp", "finance", "spreadsheet", "ticketing", "im", "callcenter")
 STAGES = ("extract", "resolve", "map", "validate", "load", "reconcile")
 SEED = 42
 QUICK_ROWS = 5_000
-CRM_DATABASE = "crm_bench_sources"
+# per process: two runs on one server (a lead's `make bench` and a helper's) must not drop each other's
+CRM_DATABASE = f"crm_bench_sources_{os.getpid()}"
 # rows the source serves per person of the pool, measured with 2,000-92,000 people (seed 42);
 # finance is absent: its rows grow with the companies, not the people (see the module docstring)
 ROWS_PER_PERSON = {"erp": 2.64, "spreadsheet": 1.12, "ticketing": 1.535, "im": 1.095, "callcenter": 0.95}
-# im runs at 70% of --rows: its simulator filters and sorts every record for every 200-record page,
-# so at 100,000 rows its paging alone took 487 s and the source 650 s (over the ~8 min budget)
-SIZE_FACTOR = {"im": 0.7}
 
 
 class CallTimer:
@@ -105,11 +102,14 @@ class Samples:
     def people(self, name: str) -> list:
         return self.pool[:people_for(name, self.rows, len(self.pool))]
 
-    def close(self) -> None:
+    def __enter__(self) -> "Samples":
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.stack.close()
 
     def _database(self, name: str) -> str:
-        database = f"crm_bench_src_{name}"
+        database = f"crm_bench_src_{name}_{os.getpid()}"
         db.drop_database(self.admin_dsn, database)
         db.ensure_database(self.admin_dsn, database)
         if not self.keep:
@@ -198,7 +198,7 @@ class Samples:
 def people_for(name: str, rows: int, pool_size: int | None = None) -> int:
     if name == "finance":
         return pool_size or 0
-    return math.ceil(rows * SIZE_FACTOR.get(name, 1.0) / ROWS_PER_PERSON[name])
+    return math.ceil(rows / ROWS_PER_PERSON[name])
 
 
 class StageFailed(Exception):
@@ -313,8 +313,6 @@ def peak_rss_mib(resettable: bool) -> float:
 
 
 def admin_dsn() -> str:
-    import os
-
     dsn = os.environ.get("CRM_SYNC_DSN")
     return db.with_database(dsn, "postgres") if dsn else db.embedded_server_uri(ROOT / ".local" / "pg-bench")
 
@@ -360,36 +358,39 @@ def main(argv=None) -> int:
     from crm_sync.simulators.people import generate_people
 
     wall0 = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still drops the databases
     admin = admin_dsn()
-    db.drop_database(admin, CRM_DATABASE)
-    db.ensure_database(admin, CRM_DATABASE)
-    dsn = db.with_database(admin, CRM_DATABASE)
-    conn = db.connect(dsn, application_name="crm-sync-bench")
-    db.migrate(conn)
-    conn.commit()
-    warm_up()
+    with ExitStack() as cleanup:
+        db.ensure_database(admin, CRM_DATABASE)
+        if not args.keep:
+            cleanup.callback(db.drop_database, admin, CRM_DATABASE)
+        dsn = db.with_database(admin, CRM_DATABASE)
+        conn = db.connect(dsn, application_name="crm-sync-bench")
+        cleanup.callback(conn.close)
+        db.migrate(conn)
+        conn.commit()
+        warm_up()
 
-    pool_size = max([people_for(n, rows) for n in names if n != "finance"] or [people_for("erp", rows)])
-    t0 = time.perf_counter()
-    pool = generate_people(pool_size, SEED)
-    pool_s = time.perf_counter() - t0
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    generated_at = now - timedelta(minutes=5)  # every sample record lies before the window's end
-    window = watermark.Window(since=None, until=now)
-    run_id = f"bench__{now.isoformat()}"
-    samples = Samples(admin, pool, generated_at, rows, args.keep)
-    print(f"crm-sync sources benchmark: ~{rows:,} rows per source, {len(pool):,} people in the pool "
-          f"(generated in {pool_s:.1f} s), CRM database {db.redact_dsn(dsn)}")
-    print("  stage figures: seconds, then rows/s (the source's rows / the stage's seconds); setup is not timed")
-    print()
-    print(HEADER)
-    print("-" * len(HEADER))
-    sys.stdout.flush()
+        pool_size = max([people_for(n, rows) for n in names if n != "finance"] or [people_for("erp", rows)])
+        t0 = time.perf_counter()
+        pool = generate_people(pool_size, SEED)
+        pool_s = time.perf_counter() - t0
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        generated_at = now - timedelta(minutes=5)  # every sample record lies before the window's end
+        window = watermark.Window(since=None, until=now)
+        run_id = f"bench__{now.isoformat()}"
+        samples = cleanup.enter_context(Samples(admin, pool, generated_at, rows, args.keep))
+        print(f"crm-sync sources benchmark: ~{rows:,} rows per source, {len(pool):,} people in the pool "
+              f"(generated in {pool_s:.1f} s), CRM database {db.redact_dsn(dsn)}")
+        print("  stage figures: seconds, then rows/s (the source's rows / the stage's seconds); setup is not timed")
+        print()
+        print(HEADER)
+        print("-" * len(HEADER))
+        sys.stdout.flush()
 
-    report: dict[str, dict] = {}
-    totals = dict.fromkeys(STAGES, 0.0)
-    total_rows = 0
-    try:
+        report: dict[str, dict] = {}
+        totals = dict.fromkeys(STAGES, 0.0)
+        total_rows = 0
         for name in names:
             cfg = load_source(name)
             sample = getattr(samples, name)()
@@ -441,11 +442,6 @@ def main(argv=None) -> int:
             if error:
                 entry["error"] = error
             report[name] = entry
-    finally:
-        samples.close()
-        conn.close()
-        if not args.keep:
-            db.drop_database(admin, CRM_DATABASE)
 
     grand = sum(totals.values())
     print(f"{'total':<11} {total_rows:>8,}  " + " ".join(secs(totals[s]) for s in STAGES)
