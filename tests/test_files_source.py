@@ -23,23 +23,6 @@ NOW = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 WINDOW = Window(since=None, until=NOW)
 PEOPLE = generate_people(240, 11)
 
-LEDGER_DDL = """
-create table if not exists sync.file_ledger (
-    source     text not null,
-    stream     text not null,
-    checksum   text not null,
-    file_name  text not null,
-    run_id     text not null,
-    state      text not null check (state in ('staged', 'loaded', 'rejected')),
-    rows       integer,
-    reason     text,
-    seen_at    timestamptz not null default now(),
-    done_at    timestamptz,
-    primary key (source, stream, checksum)
-)
-"""
-
-
 def make_cfg(**files) -> SourceConfig:
     return SourceConfig.model_validate({
         "source": "sales_files", "kind": "files", "conn_id": "sales_landing", "schedule": "@hourly",
@@ -82,9 +65,8 @@ def landing(tmp_path) -> Path:
 
 @pytest.fixture()
 def ledger(conn):
-    """The CRM connection with sync.file_ledger present and empty (finish() commits, so clean up by hand)."""
+    """The CRM connection with an empty sync.file_ledger (finish() commits, so clean up by hand)."""
     with conn.cursor() as cur:
-        cur.execute(LEDGER_DDL)
         cur.execute("delete from sync.file_ledger")
     conn.commit()
     yield conn

@@ -327,3 +327,28 @@ class OrderedView:
         lo = 0 if lower is None else bisect_left(keys, (lower, ""))
         hi = len(keys) if upper is None else bisect_left(keys, (upper, ""))
         return keys, recs, lo, hi
+
+
+class Store:
+    """An API simulator's in-memory records: thread-safe through `lock`, picklable between demo runs
+    (the lock and the cached record orders are left out and rebuilt), pages read through `view`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["lock"]
+        state.pop("_views", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
+    def view(self, name: str, ts_field: str, id_field: str, group_field: str | None = None) -> OrderedView:
+        """The cached ordered view of one record list (call with `lock` held)."""
+        views = self.__dict__.setdefault("_views", {})
+        if name not in views:
+            views[name] = OrderedView(ts_field, id_field, group_field)
+        return views[name]

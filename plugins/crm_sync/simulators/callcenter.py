@@ -42,7 +42,6 @@ import base64
 import binascii
 import hmac
 import random
-import threading
 from datetime import datetime, timedelta, timezone
 from typing import Sequence
 
@@ -50,7 +49,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 from fastapi.responses import JSONResponse
 
 # Faults is re-exported: callers import it from here
-from crm_sync.simulators.apiserver import ApiServer, Faults, OrderedView, install_admin, misbehave, new_app, run_standalone
+from crm_sync.simulators.apiserver import ApiServer, Faults, Store, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import CITIES, Person, render_phone
 from crm_sync.simulators.ticketing import _parse_ts
 
@@ -110,27 +109,17 @@ def _whole_seconds(now: datetime) -> datetime:
     return now.astimezone(CST).replace(microsecond=0)
 
 
-class CallCenterStore:
+class CallCenterStore(Store):
     """Call detail records in memory, with the truth behind the numbers. Thread-safe."""
 
     def __init__(self, people: Sequence[Person] = ()):
+        super().__init__()
         self.people = list(people)
         self.calls: list[dict] = []
         self.truth: dict[str, str | None] = {}
         self.numbers: dict[str, str] = {}
         self.unknown_numbers: set[str] = set()
-        self.lock = threading.Lock()
 
-    def __getstate__(self) -> dict:
-        # The demo pickles the store between runs; a lock cannot be pickled.
-        state = self.__dict__.copy()
-        del state["lock"]
-        state.pop("_views", None)  # a cache of the record order, rebuilt on demand
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.lock = threading.Lock()
 
     @classmethod
     def generate(cls, people: Sequence[Person], seed: int, now: datetime) -> "CallCenterStore":
@@ -261,7 +250,7 @@ class CallCenterStore:
     def window(self, created_from: datetime | None, created_to: datetime | None) -> list[dict]:
         """The calls with created_from <= created_at < created_to, ordered by (created_at, call_id)."""
         with self.lock:
-            view = self.__dict__.setdefault("_views", {}).setdefault("calls", OrderedView("created_at", "call_id"))
+            view = self.view("calls", "created_at", "call_id")
             _, records, lo, hi = view.slice(self.calls, lower=created_from, upper=created_to)
             return records[lo:hi]
 

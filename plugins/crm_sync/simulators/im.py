@@ -33,14 +33,13 @@ from __future__ import annotations
 import hmac
 import math
 import random
-import threading
 from datetime import datetime, timedelta, timezone
 from typing import Sequence
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse
 
-from crm_sync.simulators.apiserver import ApiServer, Faults, OrderedView, install_admin, misbehave, new_app, run_standalone
+from crm_sync.simulators.apiserver import ApiServer, Faults, Store, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import CITIES, Person, render_email, render_name, render_phone
 from crm_sync.simulators.ticketing import _before, _parse_ts
 
@@ -121,10 +120,11 @@ def _remark_name(person: Person, rng: random.Random) -> str | None:
     return render_name(person, rng)
 
 
-class ImStore:
+class ImStore(Store):
     """Contacts and sessions in memory, with the truth behind the contacts. Thread-safe."""
 
     def __init__(self, people: Sequence[Person] = ()):
+        super().__init__()
         self.people = list(people)
         self.contacts: list[dict] = []
         self.sessions: list[dict] = []
@@ -132,18 +132,7 @@ class ImStore:
         self.pending_contacts: dict[str, dict] = {}      # external_userid -> contact not served yet
         self.pending_truth: dict[str, str] = {}          # its person_id
         self.orphan_sessions: dict[str, str] = {}        # session_id -> external_userid of a pending contact
-        self.lock = threading.Lock()
 
-    def __getstate__(self) -> dict:
-        # The demo pickles stores between runs; a lock cannot be pickled.
-        state = self.__dict__.copy()
-        del state["lock"]
-        state.pop("_views", None)  # a cache of the record order, rebuilt on demand
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.lock = threading.Lock()
 
     @classmethod
     def generate(cls, people: Sequence[Person], seed: int, now: datetime) -> "ImStore":
@@ -276,8 +265,7 @@ class ImStore:
              page: int, page_size: int, status: str | None = None) -> tuple[list[dict], int]:
         """Page `page` (from 1) of `kind` in (updated_at, id) order, and the total matching the filters."""
         with self.lock:
-            view = self.__dict__.setdefault("_views", {}).setdefault(
-                kind, OrderedView("updated_at", ID_FIELD[kind], group_field="status"))
+            view = self.view(kind, "updated_at", ID_FIELD[kind], group_field="status")
             _, records, lo, hi = view.slice(self.contacts if kind == "contacts" else self.sessions,
                                             lower=modified_from, upper=modified_to, group=status)
             start = lo + (page - 1) * page_size

@@ -27,7 +27,6 @@ import base64
 import hmac
 import json
 import random
-import threading
 from datetime import datetime, timedelta, timezone
 from typing import Sequence
 
@@ -35,7 +34,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 from fastapi.responses import JSONResponse
 
 # Faults is re-exported: callers import it from here
-from crm_sync.simulators.apiserver import ApiServer, Faults, OrderedView, install_admin, misbehave, new_app, run_standalone
+from crm_sync.simulators.apiserver import ApiServer, Faults, Store, install_admin, misbehave, new_app, run_standalone
 from crm_sync.simulators.people import Person, render_email, render_name, render_phone
 
 ENDPOINTS = {"users": "/api/v2/users", "tickets": "/api/v2/tickets"}
@@ -64,27 +63,17 @@ def _record_ts(record: dict) -> datetime:
     return _parse_ts(record["updated_at"])
 
 
-class TicketingStore:
+class TicketingStore(Store):
     """Users and tickets in memory, with the truth behind the users. Thread-safe."""
 
     def __init__(self, people: Sequence[Person] = (), users: list[dict] | None = None,
                  tickets: list[dict] | None = None, truth: dict[str, str] | None = None):
+        super().__init__()
         self.people = list(people)
         self.users: list[dict] = users or []
         self.tickets: list[dict] = tickets or []
         self.truth: dict[str, str] = truth or {}
-        self.lock = threading.Lock()
 
-    def __getstate__(self) -> dict:
-        # The demo pickles the store between runs; a lock cannot be pickled.
-        state = self.__dict__.copy()
-        del state["lock"]
-        state.pop("_views", None)  # a cache of the record order, rebuilt on demand
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.lock = threading.Lock()
 
     @classmethod
     def generate(cls, people: Sequence[Person], seed: int, now: datetime) -> "TicketingStore":
@@ -166,7 +155,7 @@ class TicketingStore:
         from bisect import bisect_right
 
         with self.lock:
-            view = self.__dict__.setdefault("_views", {}).setdefault(kind, OrderedView("updated_at", "id"))
+            view = self.view(kind, "updated_at", "id")
             keys, records, lo, hi = view.slice(self.users if kind == "users" else self.tickets,
                                                lower=since, upper=before)
             start = max(lo, bisect_right(keys, after, lo, hi)) if after is not None else lo
