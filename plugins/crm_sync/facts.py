@@ -48,6 +48,7 @@ class FactResult:
     loaded: int
     held: int
     stubbed: int
+    superseded: int = 0   # facts held by an earlier run that this run loaded in a newer version
 
 
 def _ref(cfg: SourceConfig, stream: StreamConfig) -> tuple[str, str | None]:
@@ -128,6 +129,7 @@ def load_stream(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Fa
              and h.source = f.source and h.stream = f.stream and h.source_pk = f.source_pk""",
         (run_id,),
     )
+    superseded = cur.rowcount
     if held:
         cur.execute(
             """
@@ -155,7 +157,7 @@ def load_stream(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Fa
             """,
             {"reason": NOT_KNOWN_YET, "entity": spec.name},
         )
-    return FactResult(loaded=loaded, held=held, stubbed=stubbed)
+    return FactResult(loaded=loaded, held=held, stubbed=stubbed, superseded=superseded)
 
 
 def release(cur, run_id: str) -> int:

@@ -27,7 +27,7 @@ class LoadResult:
     rejected: int
     facts: dict[str, int] = field(default_factory=dict)   # entity -> rows loaded
     held: int = 0          # facts of this run waiting for their customer
-    released: int = 0      # facts held earlier (any source) loaded by this run
+    released: int = 0      # facts held earlier (any source) this run settled: their customer came, or a newer version loaded
 
     @property
     def rows(self) -> int:
@@ -120,14 +120,16 @@ def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
 
             apply_identity(cur, run_id, cfg.source)  # review items, merges, splits, match keys
             loaded: dict[str, int] = {}
-            held = 0
+            held = superseded = 0
             for stream in cfg.streams:
                 if stream.entity == "customer":
                     continue
                 outcome = facts.load_stream(cur, run_id, cfg, stream)
                 loaded[stream.entity] = loaded.get(stream.entity, 0) + outcome.loaded
                 held += outcome.held
-            released = facts.release(cur, run_id)
+                superseded += outcome.superseded
+            # every held fact this run settled: its customer arrived, or its newer version loaded
+            released = facts.release(cur, run_id) + superseded
             for stream in cfg.streams:
                 watermark.advance(cur, cfg.source, stream.name, run_id)
             cur.execute("select count(distinct (stream, coalesce(source_pk, quarantine_id::text)))"
