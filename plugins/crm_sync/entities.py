@@ -25,19 +25,15 @@ class EntitySpec:
     money: dict[str, int] = field(default_factory=dict)   # money column -> scale
     sums: tuple[str, ...] = ()       # columns whose exact sums reconciliation compares
     defaults: dict[str, str] = field(default_factory=dict)  # column -> SQL default applied at load
-    mappable_extra: tuple[str, ...] = ()  # fields a YAML may map that are not plain columns
 
     @property
     def staging(self) -> str:
         return f"stg.mapped_{self.name}"
 
     @property
-    def is_fact(self) -> bool:
-        return self.name != "customer"
-
-    @property
     def mappable(self) -> tuple[str, ...]:
-        return (*self.columns, *self.mappable_extra)
+        """The target fields a source YAML may map."""
+        return tuple(self.columns)
 
 
 _TS = "timestamptz"
