@@ -112,6 +112,14 @@ class FileStream(_Strict):
     max_header_row: int = Field(default=10, ge=1, le=100)    # the header is searched in the first N rows
 
 
+class Tombstone(_Strict):
+    """An incremental stream's delete marker: a record whose `field` holds one of `values` (compared
+    as lower-case text) soft-deletes its key instead of loading."""
+
+    field: str = Field(min_length=1)
+    values: list[str] = Field(default_factory=lambda: ["true", "1", "yes", "deleted"])
+
+
 class StreamConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     entity: Entity
@@ -125,6 +133,10 @@ class StreamConfig(_Strict):
     mapping: dict[str, FieldMap]
     identity: IdentityKeys | None = None
     expectation_suite: str
+    # row-level isolation: the share of the batch's rows that may be quarantined by critical row
+    # expectations (those without their own `mostly`) before the whole batch is blocked
+    max_bad_share: float = Field(default=0.05, ge=0, le=1)
+    tombstone: Tombstone | None = None  # incremental streams: records that delete their key
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":
@@ -193,6 +205,18 @@ class HttpOptions(_Strict):
     max_attempts: int = Field(default=6, ge=1, le=20)
     backoff_seconds: float = Field(default=1.0, ge=0)
     max_retry_after_seconds: float = Field(default=60, ge=0)
+    # paid APIs: at most this many calls per stream and run; when spent, the run loads what it read
+    # and ends "partial": the next run resumes paging where this one stopped (None: no budget)
+    max_calls_per_run: int | None = Field(default=None, ge=1)
+    total_path: str | None = None   # dotted path of the window's record count in the first page's body
+
+
+class Sweep(_Strict):
+    """Late rows: runs whose data interval ends on `schedule` (cron, in the source's timezone) read
+    `horizon_hours` back instead of the lookback, so rows committed late are still caught."""
+
+    schedule: str = "0 3 * * *"
+    horizon_hours: int = Field(default=168, ge=1)
 
 
 class Alerts(_Strict):
@@ -211,6 +235,11 @@ class SourceConfig(_Strict):
     sync_mode: Literal["full", "incremental"]
     lookback_minutes: int = Field(default=10, ge=0)
     max_volume_drop: float = Field(default=0.5, gt=0, le=1)  # full refresh: block a batch this much smaller
+    max_delete_share: float = Field(default=0.1, ge=0, le=1)  # full snapshot: stop before load if more would disappear
+    future_skew_minutes: int = Field(default=5, ge=0)  # a cursor this far past the source's clock is "in the future"
+    sweep: Sweep | None = None       # incremental sources: the nightly late-row sweep
+    task_timeout_minutes: int = Field(default=60, ge=1)       # Airflow execution_timeout of every task
+    statement_timeout_seconds: int = Field(default=900, ge=1)  # PostgreSQL statement_timeout of every session
     priority: int = Field(default=50, ge=0, le=100)  # survivorship: higher wins for golden fields
     orphans: Literal["hold", "stub"] = "hold"  # a fact whose customer is unknown: held and retried, or a stub customer
     pool: str | None = None
