@@ -154,6 +154,14 @@ def test_message_names_dag_task_source_run_error_counts_and_next_steps():
     ("SourceRejected: ticketing.users: GET /api/v2/users was refused: 401", "credentials"),
     ("ReconciliationError: orders.amount_sum: source 1234.56 != target 1234.55", "sync.reconciliation"),
     ("KeyError: 'mobile'", "unexpected error"),
+    ("DeleteBrakeError: source 'erp': delete brake — stream 'customers': 800 of 1000 rows in the CRM (80%) are "
+     "missing from the source's snapshot", '{"allow_deletes": true}'),
+    ("LostRowsError: source 'erp' stream 'orders': the staging of run x is gone", "the extract task group"),
+    ("DatabaseError: source 'erp' database failed while reading: server closed the connection unexpectedly",
+     "failed (not the CRM)"),
+    ("DatabaseError: cannot connect to the CRM database through Airflow connection 'crm_db'",
+     "The CRM database could not be reached"),
+    ("QueryCanceled: canceling statement due to statement timeout", "statement_timeout_seconds"),
 ])
 def test_advice_depends_on_the_error(error, advice):
     _, body = render_failure_message(dag_id="crm_sync__ticketing", task_id="extract.users", source="ticketing",

@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 
 from crm_sync.config import FieldMap, SourceConfig
-from crm_sync.mapping import CastError, _money_scale, cast, source_value
+from crm_sync.mapping import CastError, _money_scale, cast, is_key_field, source_value
 from crm_sync.sources import base
 
 
@@ -69,14 +69,74 @@ def test_first_non_empty_of_several_fields_and_constants():
 
 def test_wrong_shapes_nul_and_oversized_text_are_rejected_with_a_reason():
     assert cast(["报价", "售后"], fm(**{"from": "tags", "type": "json"})) == ["报价", "售后"]
+    assert cast({"code": "A1"}, fm(**{"from": "tags", "type": "json"})) == {"code": "A1"}
     with pytest.raises(CastError, match="JSON list or object"):
         cast("报价", fm(**{"from": "tags", "type": "json"}))
-    with pytest.raises(CastError, match="expected text, got a JSON dict"):
+    with pytest.raises(CastError, match="expected text, got a JSON object"):
         cast({"a": 1}, fm(**{"from": "subject"}))
     with pytest.raises(CastError, match="NUL"):
         cast("a\x00b", fm(**{"from": "subject"}))
     with pytest.raises(CastError, match="10000 characters long"):
         cast("x" * 10_000, fm(**{"from": "id", "max_length": 200}))
+
+
+@pytest.mark.parametrize("value, kind, message", [
+    ({"city": "上海"}, "text", "expected text, got a JSON object"),
+    (["a", "b"], "text", "expected text, got a JSON list"),
+    (True, "text", r"expected text, got a boolean \(true\)"),
+    ({"n": 1}, "int", "expected a whole number, got a JSON object"),
+    (False, "int", r"expected a whole number, got a boolean \(false\)"),
+    (True, "numeric", "expected a number, got a boolean"),
+    ([1, 2], "numeric", "expected a number, got a JSON list"),
+    (True, "money", "expected a money amount, got a boolean"),
+    ({"v": "2026-11-20"}, "date", "expected a date, got a JSON object"),
+    (20261120, "date", r"expected a date, got a number \(20261120\)"),
+    (["2026-11-20T08:00:00Z"], "timestamptz", "expected a timestamp, got a JSON list"),
+    ({"mobile": "13800138000"}, "phone", "expected a phone number, got a JSON object"),
+    (True, "phone", "expected a phone number, got a boolean"),
+    ({"x": 1}, "bool", "expected a boolean, got a JSON object"),
+    ("tag", "json", "expected a JSON list or object, got text 'tag'"),
+])
+def test_a_value_of_the_wrong_shape_names_what_arrived_and_is_never_a_python_repr(value, kind, message):
+    with pytest.raises(CastError, match=message) as err:
+        cast(value, fm(**{"from": "f", "type": kind}))
+    assert "{" not in str(err.value) and "[" not in str(err.value)  # no repr of the object
+
+
+def test_any_text_over_10000_characters_is_refused_even_without_max_length():
+    assert cast("x" * 10_000, fm(**{"from": "summary"})) == "x" * 10_000
+    with pytest.raises(CastError, match=r"field 'summary' is 10001 characters long"):
+        cast("x" * 10_001, fm(**{"from": "summary"}))
+    with pytest.raises(CastError, match=r"field 'd' is 20000 characters long"):
+        cast("2" * 20_000, fm(**{"from": "d", "type": "date"}))
+
+
+def test_numbers_and_booleans_of_the_right_shape_still_cast():
+    assert cast(True, fm(**{"from": "b", "type": "bool"})) is True
+    assert cast(3.0, fm(**{"from": "n", "type": "int"})) == 3
+    assert cast("42", fm(**{"from": "n", "type": "int"})) == 42
+    assert cast(7, fm(**{"from": "s"})) == "7"
+    with pytest.raises(CastError, match="out of the range of an integer"):
+        cast(2**40, fm(**{"from": "n", "type": "int"}))
+    # a value map is looked up with the JSON spelling of a boolean, not Python's
+    assert cast(True, fm(**{"from": "vip", "values": {"true": "vip", "false": "regular"}})) == "vip"
+    with pytest.raises(CastError, match="expected one of the mapped values .*, got a JSON object"):
+        cast({"code": 1}, fm(**{"from": "status", "values": {"1": "open"}}))
+
+
+@pytest.mark.parametrize("raw", [1, 1.0, "1", " 1 ", "1.0", "1.00"])
+def test_a_customer_reference_is_a_canonical_key(raw):
+    ref = fm(**{"from": "customer_no", "required": True})
+    assert cast(raw, ref, key=True) == "1"
+
+
+def test_key_fields_keep_leading_zeros_and_refuse_shapes_no_key_has():
+    ref = fm(**{"from": "customer_no"})
+    assert cast("0042", ref, key=True) == "0042"
+    assert cast("C100001", ref, key=True) == "C100001"
+    with pytest.raises(CastError, match="expected text, got a boolean"):
+        cast(True, ref, key=True)
+    assert is_key_field("source_customer_id") and is_key_field("invoice_ref") and not is_key_field("currency")
 
 
 def test_a_money_column_mapped_as_text_is_a_config_error():

@@ -247,6 +247,45 @@ def test_bad_batch_is_blocked_quarantined_and_alerted(stack):
         conn.close()
 
 
+def test_one_poisoned_record_is_quarantined_while_the_rest_of_its_batch_loads(stack):
+    """Issue 9's acceptance: a real Airflow run, one bad order and one absurd key among good rows."""
+    at = stack.ends["erp"] - timedelta(seconds=20)
+    good = [f"POISON-OK-{i}" for i in range(3)]
+    customer_no = _src(stack, "select customer_no from src_erp.customers order by customer_no limit 1")[0][0]
+    conn = db.connect(stack.erp_dsn)
+    with conn.cursor() as cur:
+        for order_no in good:
+            cur.execute("insert into src_erp.orders (order_no, customer_no, order_date, amount, currency, status, "
+                        "updated_at) values (%s, %s, '2026-01-05', 12.50, 'CNY', 'paid', %s)", (order_no, customer_no, at))
+        cur.execute("insert into src_erp.orders (order_no, customer_no, order_date, amount, currency, status, "
+                    "updated_at) values ('POISON-XYZ', %s, '2026-01-05', 9.99, 'XYZ', 'paid', %s)", (customer_no, at))
+        cur.execute("insert into src_erp.customers (customer_no, name, mobile, updated_at, created_at) "
+                    "values (%s, '王五', '13900000000', %s, %s)", ("K" * 10_000, at, at))
+    conn.commit()
+    conn.close()
+    try:
+        assert stack.run("erp") == 0, stack.last_log.read_text()[-4000:]
+        run = stack.last_run("erp")
+        assert run["state"] == "success"
+        loaded = stack.crm("select order_id from crm.sales_order where order_id like 'POISON-%%'")
+        assert sorted(r[0] for r in loaded) == good
+        reasons = dict(stack.crm("select coalesce(expectation, field), reason from sync.quarantine "
+                                 "where run_id = %s and stream = 'orders' and source_pk = 'POISON-XYZ'", (run["run_id"],)))
+        assert any("currency" in r or "in_set" in k for k, r in reasons.items()), reasons
+        long_key = stack.crm("select field, reason from sync.quarantine where run_id = %s and stream = 'customers' "
+                             "and stage = 'extract'", (run["run_id"],))
+        assert [f for f, r in long_key if "10000 characters" in r] == ["customer_no"]
+        account = stack.crm("select stream, lost from sync.stream_account where run_id = %s", (run["run_id"],))
+        assert account and all(lost == 0 for _, lost in account)
+    finally:
+        conn = db.connect(stack.erp_dsn)
+        with conn.cursor() as cur:
+            cur.execute("delete from src_erp.orders where order_no like 'POISON-%'")
+            cur.execute("delete from src_erp.customers where length(customer_no) > 512")
+        conn.commit()
+        conn.close()
+
+
 def test_api_that_stays_down_fails_clearly_without_partial_load(stack):
     before = stack.snapshot()
     mails = set(stack.mails())

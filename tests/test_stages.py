@@ -35,10 +35,14 @@ def test_stage_records_quarantines_missing_keys_and_keeps_newest_version(conn):
     with conn.cursor() as cur:
         cur.execute("select source_pk, payload->>'name', cursor_value from stg.extracted where run_id = 'run-a'")
         assert cur.fetchall() == [("u1", "张三丰", T0 + timedelta(minutes=5))]
-        cur.execute("select source_pk, field, reason from sync.quarantine where run_id = 'run-a' order by field")
+        cur.execute("select source_pk, field, reason, blocks_key from sync.quarantine where run_id = 'run-a'"
+                    " order by field, source_pk")
         rows = cur.fetchall()
-    assert rows[0][:2] == (None, "id") and "primary key is missing" in rows[0][2]
-    assert rows[1][:2] == ("u2", "updated_at") and "garbage" in rows[1][2]
+    assert rows[0][:2] == (None, "id") and "primary key is missing" in rows[0][2] and rows[0][3]
+    # the older version of u1 is kept as superseded; it does not stop the newer one from loading
+    assert rows[1][:2] == ("u1", "updated_at") and rows[1][2].startswith("superseded") and not rows[1][3]
+    assert rows[2][:2] == ("u2", "updated_at") and "garbage" in rows[2][2] and rows[2][3]
+    assert result.received == 4
     # a retried task starts clean: same run, different content, no leftovers
     ex.stage_records(conn, "run-a", cfg, stream, window, [[_user("u3", 1)]])
     with conn.cursor() as cur:
@@ -91,17 +95,46 @@ def test_sql_source_with_renamed_column_names_it(conn, fresh_dsn):
         src.close()
 
 
-def test_extract_window_is_bounded_by_interval_end_and_falls_back_to_watermark(conn):
+def test_extract_window_reads_the_runs_own_interval_widened_back_to_the_watermark(conn):
     cfg = load_source("ticketing")
-    end = T0 + timedelta(hours=2)
-    assert watermark.extract_window(conn, cfg, "users", end) == watermark.Window(since=None, until=end)
+    lookback = timedelta(minutes=cfg.lookback_minutes)
+    start, end = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
+    # no watermark yet: the first run reads the whole history, a backfill run only its interval
+    assert watermark.extract_window(conn, cfg, "users", end, start) == watermark.Window(since=None, until=end)
+    assert watermark.extract_window(conn, cfg, "users", end, start, run_type="backfill").since == start - lookback
     with conn.cursor() as cur:
         cur.execute("insert into sync.watermark (source, stream, cursor_value, cursor_pk, run_id) "
                     "values ('ticketing', 'users', %s, 'u9', 'r0')", (T0,))
-    window = watermark.extract_window(conn, cfg, "users", end)
-    assert window.since == T0 - timedelta(minutes=cfg.lookback_minutes) and window.until == end
+    # the watermark is older than the interval (a run was skipped): the window reaches back to it
+    window = watermark.extract_window(conn, cfg, "users", end, start)
+    assert window.since == T0 - lookback and window.until == end
+    # a rerun of an interval long before the watermark reads that interval, not "from the watermark on"
+    old_start, old_end = T0 - timedelta(days=3), T0 - timedelta(days=3) + timedelta(hours=1)
+    assert watermark.extract_window(conn, cfg, "users", old_end, old_start) == \
+        watermark.Window(since=old_start - lookback, until=old_end)
+    # trigger-form params: an explicit window, a full refresh
+    assert watermark.extract_window(conn, cfg, "users", end, start, {"window_start": "2026-01-01T00:00:00",
+                                    "window_end": "2026-01-02T00:00:00+00:00"}) == \
+        watermark.Window(since=datetime(2026, 1, 1, tzinfo=timezone.utc), until=datetime(2026, 1, 2, tzinfo=timezone.utc))
+    assert watermark.extract_window(conn, cfg, "users", end, start, {"full_refresh": True}).since is None
     full = load_source("erp")
-    assert watermark.extract_window(conn, full, "customers", end).since is None
+    assert watermark.extract_window(conn, full, "customers", end, start).since is None
+
+
+def test_the_nightly_sweep_run_reads_its_horizon_back(conn):
+    cfg = load_source("ticketing")
+    assert cfg.sweep is not None
+    with conn.cursor() as cur:
+        cur.execute("insert into sync.watermark (source, stream, cursor_value, cursor_pk, run_id) "
+                    "values ('ticketing', 'users', '2026-03-10T02:00:00+00', 'u9', 'r0') "
+                    "on conflict (source, stream) do update set cursor_value = excluded.cursor_value")
+    at_3 = datetime(2026, 3, 10, 3, 0, tzinfo=timezone.utc)
+    sweep = watermark.extract_window(conn, cfg, "users", at_3, at_3 - timedelta(hours=1))
+    assert sweep.sweep and sweep.since == at_3 - timedelta(hours=cfg.sweep.horizon_hours)
+    assert sweep.normal_since == datetime(2026, 3, 10, 2, 0, tzinfo=timezone.utc) - timedelta(minutes=cfg.lookback_minutes)
+    at_4 = at_3 + timedelta(hours=1)
+    assert not watermark.extract_window(conn, cfg, "users", at_4, at_3).sweep
+    assert watermark.extract_window(conn, cfg, "users", at_4, at_3, {"sweep": True}).sweep
 
 
 def test_volume_gate_blocks_a_full_extract_that_shrank(conn):

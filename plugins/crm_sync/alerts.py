@@ -63,7 +63,7 @@ def _error_names(exception: Any) -> list[str]:
 
 
 def _what_to_do(names: list[str], *, source: str, run_id: str, dag_id: str, task_id: str,
-                try_number: Any, max_tries: Any, conn_id: str | None) -> list[str]:
+                try_number: Any, max_tries: Any, conn_id: str | None, message: str = "") -> list[str]:
     run = f"run_id = '{run_id}' and source = '{source}'"
     clear = (f"In Airflow: DAG {dag_id} → run {run_id} → task {task_id} → Clear "
              "(with Downstream), once the cause is fixed.")
@@ -122,6 +122,44 @@ def _what_to_do(names: list[str], *, source: str, run_id: str, dag_id: str, task
             "file and the field. Nothing was loaded.",
             f"1. Fix include/sources/{source}.yaml or the suite under include/expectations/, deploy it.",
             f"2. {clear}",
+        ]
+    if "DeleteBrakeError" in names:
+        return [
+            "The DELETE BRAKE stopped the run before load: the source's full snapshot no longer holds more "
+            "of a stream's rows than max_delete_share allows. Nothing was loaded or deleted and the watermark "
+            "did not move. A truncated export, an emptied table or a wrong connection looks like this.",
+            "1. The error names the stream and how many rows would disappear. Ask the source owner whether "
+            "they were really deleted.",
+            f"2. If not: fix the source, then {clear}",
+            f"3. If they were: trigger {dag_id} with config {{\"allow_deletes\": true}} to soft-delete them once "
+            "(rows stay in the CRM with deleted_at set and come back if the source brings them again).",
+        ]
+    if "LostRowsError" in names:
+        return [
+            "Rows would have been LOST, so the run stopped: the source holds rows the run did not receive "
+            "(count or key checksum differ), or the run's staging tables were emptied (a PostgreSQL restart "
+            "wipes unlogged staging). Nothing of this run was loaded and the watermark did not move.",
+            f"1. Compare: select * from sync.stream_account where {run};",
+            f"2. In Airflow: DAG {dag_id} → run {run_id} → the extract task group → Clear (with Downstream): "
+            "the extract reads the window again and the run loads it; nothing needs repair.",
+        ]
+    if "QueryCanceled" in names or "statement timeout" in message:
+        return [
+            "A statement ran longer than statement_timeout_seconds (source YAML) and was cancelled; the "
+            "transaction rolled back, nothing was half-written. The task retries while tries remain.",
+            "1. Look for locks or a long-running query on the database named in the error "
+            "(pg_stat_activity), or a source that became much larger.",
+            f"2. If the work is legitimately longer, raise statement_timeout_seconds in "
+            f"include/sources/{source}.yaml. {clear}",
+        ]
+    if "source '" in message and " database" in message and (
+            {"DatabaseError", "OperationalError", "InterfaceError"} & set(names)):
+        return [
+            f"The SOURCE database of '{source}' failed (not the CRM): it could not be reached or dropped "
+            "the connection while being read. Nothing was loaded and the watermark did not move; the task "
+            f"retries by itself ({tries}).",
+            f"1. Check the source database and the Airflow connection `{conn_id or '?'}` (host, port, role).",
+            f"2. {clear} No data repair is needed.",
         ]
     if {"DatabaseError", "OperationalError", "InterfaceError"} & set(names):
         return [
@@ -217,7 +255,7 @@ def render_failure_message(
         "What to do",
         *(f"  {line}" for line in _what_to_do(names, source=source, run_id=run_id, dag_id=dag_id,
                                                 task_id=task_id, try_number=try_number,
-                                                max_tries=max_tries, conn_id=conn_id)),
+                                                max_tries=max_tries, conn_id=conn_id, message=error)),
         "",
         "-- crm-sync (personal data in this message is masked)",
     ])

@@ -10,7 +10,7 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, TaskGroup, chain, dag, task
+from airflow.sdk import CronDataIntervalTimetable, Param, TaskGroup, chain, dag, task
 
 from crm_sync.config import SourceConfig, load_source
 
@@ -75,11 +75,39 @@ connection `{cfg.conn_id}`, CRM connection `{cfg.crm_conn_id}`.
 |---|---|---|---|---|
 {streams}
 
+**Trigger with config** to rerun a window (`window_start` / `window_end`), force a `full_refresh`,
+pick `streams`, run the late-row `sweep` now, or release the delete brake (`allow_deletes`).
+A scheduled run reads its own data interval.
+
 **On failure** the on-call address gets an e-mail. Rejected rows are in `sync.quarantine`
 (`where run_id = '<run id>'`), expectation results in `sync.dq_result`, figures in `sync.run_log`.
 A blocked batch never loads and its watermark (`sync.watermark`) does not move: fix the source,
 then clear the failed task. `crm-sync status` shows every source at a glance.
 """
+
+
+def _params(cfg: SourceConfig) -> dict:
+    """The trigger form: everything optional; a scheduled run uses the defaults (its own data interval)."""
+    return {
+        "full_refresh": Param(False, type="boolean", title="Full refresh",
+                              description="Read every row the source holds, not just the data interval "
+                                          "(a full snapshot also soft-deletes rows the source no longer has)."),
+        "window_start": Param(None, type=["null", "string"], format="date-time", title="Window start",
+                              description="Read rows whose cursor is at or after this instant (ISO 8601, UTC "
+                                          "if no offset). Empty: the run's data interval."),
+        "window_end": Param(None, type=["null", "string"], format="date-time", title="Window end",
+                            description="Read rows whose cursor is before this instant. Empty: the data "
+                                        "interval's end."),
+        "streams": Param([], type="array", items={"type": "string", "enum": [s.name for s in cfg.streams]},
+                         title="Streams", description="Only these streams (empty: every stream)."),
+        "sweep": Param(False, type="boolean", title="Late-row sweep",
+                       description="Read the source's sweep horizon back (sweep.horizon_hours) to catch rows "
+                                   "committed after their window was read."),
+        "allow_deletes": Param(False, type="boolean", title="Allow mass deletes",
+                               description="Release the delete brake for this run: soft-delete every key a full "
+                                           "snapshot no longer holds, even more than max_delete_share of a "
+                                           "stream. Only after checking the source really dropped them."),
+    }
 
 
 def build_dag(source: str):
@@ -97,7 +125,9 @@ def build_dag(source: str):
         max_active_runs=1,
         tags=["crm-sync", cfg.source, cfg.kind, cfg.sync_mode, *cfg.tags],
         doc_md=_doc(cfg),
+        params=_params(cfg),
         default_args={
+            "execution_timeout": timedelta(minutes=cfg.task_timeout_minutes),
             "owner": "crm-sync",
             "retries": cfg.retries,
             "retry_delay": timedelta(seconds=retry_delay),

@@ -159,13 +159,18 @@ def connection(dsn: str | None = None) -> Iterator:
         conn.close()
 
 
-def task_connection(conn_id: str, application_name: str = "crm-sync"):
+def task_connection(conn_id: str, application_name: str = "crm-sync", *, system: str | None = None,
+                    statement_timeout_s: int | None = None):
     """A psycopg2 connection (autocommit off) through the Airflow connection `conn_id`.
 
     The credentials come from Airflow's connection store (env var, secrets backend or metadata
     DB), never from code. We build the psycopg2 connection ourselves instead of using
     `PostgresHook.get_conn()` because the provider switches to psycopg 3 when it is installed,
     and the stages rely on psycopg2's `copy_expert` and `psycopg2.sql`.
+
+    `system` names what the connection reaches in errors ("source 'erp' database", "the CRM
+    database"), so on-call looks at the right machine. `statement_timeout_s` bounds every statement
+    of the session: a hung query fails the task (which retries) instead of holding it for ever.
     """
     import psycopg2
     from airflow.sdk import BaseHook
@@ -176,11 +181,15 @@ def task_connection(conn_id: str, application_name: str = "crm-sync"):
         "host": c.host, "port": c.port, "user": c.login, "password": c.password,
         "dbname": c.schema or extra.get("dbname"), "sslmode": extra.get("sslmode"),
     }.items() if v not in (None, "")}
+    if statement_timeout_s:
+        params["options"] = f"-c statement_timeout={int(statement_timeout_s) * 1000}"
+    what = system or f"the database of Airflow connection '{conn_id}'"
     try:
         conn = psycopg2.connect(application_name=application_name, **params)
     except psycopg2.OperationalError as exc:
-        raise DatabaseError(f"cannot connect through Airflow connection '{conn_id}' "
-                            f"(host {c.host}, database {params.get('dbname')}): {exc}".strip()) from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise DatabaseError(f"cannot connect to {what} through Airflow connection '{conn_id}' "
+                            f"(host {c.host}, database {params.get('dbname')}): {first}".strip()) from exc
     conn.autocommit = False
     return conn
 

@@ -72,8 +72,9 @@ def _upsert(spec: EntitySpec, select_from: str) -> str:
         where f.customer_id is not null
         on conflict (source, {spec.key}) do update set
             customer_id = excluded.customer_id, ref_by = excluded.ref_by, ref_source = excluded.ref_source,
-            {", ".join(f"{c} = excluded.{c}" for c in names)}
+            {", ".join(f"{c} = excluded.{c}" for c in names)}, deleted_at = null, deleted_run_id = null
         where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
+           or t.deleted_at is not null
     """
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crm_sync import facts, quarantine, runlog, staging, watermark
+from crm_sync import deletes, facts, quarantine, runlog, staging, watermark
 from crm_sync.config import SourceConfig
 
 LOAD_LOCK_KEY = 7_311_002
@@ -28,6 +28,7 @@ class LoadResult:
     facts: dict[str, int] = field(default_factory=dict)   # entity -> rows loaded
     held: int = 0          # facts of this run waiting for their customer
     released: int = 0      # facts held earlier (any source) this run settled: their customer came, or a newer version loaded
+    deleted: int = 0       # source records soft-deleted (gone from a full snapshot, or tombstoned)
 
     @property
     def rows(self) -> int:
@@ -71,8 +72,9 @@ def _load_customers(cur, run_id: str, source: str) -> int:
             phone_ext = excluded.phone_ext, email = excluded.email, company = excluded.company,
             city = excluded.city, source_created_at = excluded.source_created_at,
             source_updated_at = excluded.source_updated_at, row_hash = excluded.row_hash,
-            loaded_run_id = excluded.loaded_run_id
+            loaded_run_id = excluded.loaded_run_id, deleted_at = null, deleted_run_id = null
         where (t.row_hash, t.customer_id) is distinct from (excluded.row_hash, excluded.customer_id)
+           or t.deleted_at is not null
         """
     )
     cur.execute(
@@ -101,8 +103,11 @@ def _survivorship(cur, run_id: str, source: str) -> None:
     survivorship.refresh(cur, run_id, source=source)
 
 
-def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
-    """Publish the run. The caller's connection must not be in autocommit; this commits."""
+def load(conn, run_id: str, cfg: SourceConfig, *, allow_deletes: bool = False) -> LoadResult:
+    """Publish the run. The caller's connection must not be in autocommit; this commits.
+
+    Deletes are planned first and braked (`deletes.check_brake`) before anything is written;
+    they are applied after the upserts, in the same transaction."""
     try:
         with conn.cursor() as cur:
             cur.execute("select pg_advisory_xact_lock(%s)", (LOAD_LOCK_KEY,))
@@ -113,6 +118,8 @@ def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
                    on conflict (source) do update set priority = excluded.priority""",
                 (cfg.source, cfg.priority),
             )
+            planned = deletes.plan(cur, run_id, cfg)
+            deletes.check_brake(cfg, planned, allowed=allow_deletes)
             for stream in cfg.streams:
                 quarantine.clear(cur, run_id, cfg.source, stream.name, stage="load")
             customers = _load_customers(cur, run_id, cfg.source)
@@ -130,18 +137,20 @@ def load(conn, run_id: str, cfg: SourceConfig) -> LoadResult:
                 superseded += outcome.superseded
             # every held fact this run settled: its customer arrived, or its newer version loaded
             released = facts.release(cur, run_id) + superseded
+            deleted = deletes.apply(cur, run_id, cfg)
             for stream in cfg.streams:
                 watermark.advance(cur, cfg.source, stream.name, run_id)
             cur.execute("select count(distinct (stream, coalesce(source_pk, quarantine_id::text)))"
                         " from sync.quarantine where run_id = %s and source = %s", (run_id, cfg.source))
             rejected = cur.fetchone()[0]
             runlog.update(cur, run_id, cfg.source, rows_loaded=customers + sum(loaded.values()),
-                          rows_rejected=rejected, facts_held=held, facts_released=released)
+                          rows_rejected=rejected, facts_held=held, facts_released=released, rows_deleted=deleted)
         conn.commit()
     except Exception:
         conn.rollback()
         raise
-    return LoadResult(customers=customers, rejected=rejected, facts=loaded, held=held, released=released)
+    return LoadResult(customers=customers, rejected=rejected, facts=loaded, held=held, released=released,
+                      deleted=deleted)
 
 
 def purge_staging(conn, source: str, keep_runs: int = 20) -> int:

@@ -1,8 +1,15 @@
 """Map stage: source payloads into the CRM model, with the casts and value maps of the YAML.
 
-Guarantees: a value that cannot be cast, a required field that is missing, a text with a NUL
-character or longer than its `max_length`, or a money value with more decimals than its scale
-allows is quarantined with the stream, record, field and reason — the rest of the batch goes on.
+Guarantees: a value that cannot be cast, a required field that is missing, a value of the wrong
+shape for its declared type (an object or list where text, a number, a date or a phone is
+expected, a boolean where a number is), a text with a NUL character, longer than its `max_length`
+or longer than 10,000 characters, a number too large for its column, or a money value with more
+decimals than its scale allows is quarantined — the reason names the source, stream, record key and
+field, and what arrived — and the rest of the batch goes on. Nothing is stored as a Python repr.
+A customer record whose identity fields (name, phones, e-mail, company, city) hold an object, a
+list or a boolean is quarantined here too, naming the field.
+A fact's customer reference (`source_customer_id`, unless it is a phone) and other id-like fields
+are record keys in canonical form (`keys.canonical_key`): `1` and `1.0` refer to one customer.
 Money is parsed from every text form the sources use (`crm_sync.money`) into `Decimal`, never
 through float, and quantized to the entity's declared scale. Whether a fact's customer exists is
 the load's question (held orphans, see `crm_sync.orphans`), not the map's.
@@ -10,12 +17,13 @@ the load's question (held orphans, see `crm_sync.orphans`), not the map's.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 
 from crm_sync import entities, quarantine, staging
-from crm_sync.config import FieldMap, SourceConfig, StreamConfig
+from crm_sync.config import FieldMap, IdentityKeys, SourceConfig, StreamConfig
 from crm_sync.staging import to_json
 
 # customer rows carry the resolve stage's identity columns before the mapped ones
@@ -49,42 +57,135 @@ def source_value(payload: dict, fm: FieldMap):
     if fm.from_ is not None:
         return next((v for v in map(payload.get, fm.from_) if v is not None and str(v).strip() != ""), None)
     if fm.pick is not None:
-        chosen = fm.pick.cases.get(str(payload.get(fm.pick.field)))
+        by = payload.get(fm.pick.field)
+        chosen = fm.pick.cases.get(str(by)) if isinstance(by, str) else None
         if chosen is None:
-            raise CastError(f"{fm.pick.field} is {payload.get(fm.pick.field)!r}, none of {sorted(fm.pick.cases)}")
+            what = repr(by) if by is None or isinstance(by, str) else shape(by)
+            raise CastError(f"{fm.pick.field} is {what}, none of {sorted(fm.pick.cases)}")
         return payload.get(chosen)
     return fm.value
 
 
-def cast(value, fm: FieldMap):
-    """Cast one payload value as the field map says; raise CastError with a readable reason."""
+MAX_TEXT = 10_000  # characters: longer is never a CRM value, with or without a `max_length`
+
+# what each declared type expects, as an error text says it
+_EXPECTED = {"text": "text", "int": "a whole number", "numeric": "a number", "money": "a money amount",
+             "date": "a date", "timestamptz": "a timestamp", "phone": "a phone number", "bool": "a boolean",
+             "json": "a JSON list or object"}
+# the Python shapes (of a JSON payload, or of a database row) each declared type can be cast from
+_ACCEPTS: dict[str, tuple[type, ...]] = {
+    "text": (str, int, float, Decimal),
+    "int": (str, int, float, Decimal),
+    "numeric": (str, int, float, Decimal),
+    "money": (str, int, float, Decimal),
+    "date": (str, date),
+    "timestamptz": (str, datetime),
+    "phone": (str, int),
+    "bool": (str, int, bool),
+    "json": (dict, list),
+}
+
+
+def shape(value) -> str:
+    """What arrived, in the words of an error text: 'a JSON object', 'a boolean (true)', 'a number (1.5)', …"""
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, (list, tuple)):
+        return "a JSON list"
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, (int, float, Decimal)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return "text" if len(value) > 40 else f"text {value!r}"
+    if isinstance(value, datetime):
+        return "a timestamp"
+    if isinstance(value, date):
+        return "a date"
+    return f"a {type(value).__name__}"
+
+
+def _check_shape(value, kind: str) -> None:
+    accepts = _ACCEPTS.get(kind, ())
+    # bool is an int to Python, never a number or a text to a CRM
+    if not isinstance(value, accepts) or (isinstance(value, bool) and bool not in accepts):
+        raise CastError(f"expected {_EXPECTED.get(kind, kind)}, got {shape(value)}")
+
+
+def _value_key(value) -> str:
+    """The text a `values:` map is looked up with (JSON spelling for booleans, `1` for `1.0`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def is_key_field(target: str) -> bool:
+    """A mapped column that refers to a record of a source by its key (`source_customer_id`, `invoice_ref`)."""
+    return target == "source_customer_id" or target.endswith(("_id", "_ref", "_no"))
+
+
+def cast(value, fm: FieldMap, *, key: bool = False):
+    """Cast one payload value as the field map says; raise CastError with a readable reason.
+
+    A value of the wrong shape for the declared type (an object where text is expected, a boolean
+    where a number is) is refused naming what arrived, never turned into its Python text. With
+    `key`, a text value is a record key and takes its canonical form (`keys.canonical_key`), so
+    `1`, `1.0` and `" 1"` refer to one record.
+    """
     if isinstance(value, str):
         if "\x00" in value:
             raise CastError("contains a NUL character, which no PostgreSQL text can hold")
         value = value.strip()
         if value == "":
             value = None
+        elif len(value) > MAX_TEXT and (fm.max_length is None or fm.type != "text"):
+            raise CastError(f"field {fm.label!r} is {len(value)} characters long, more than the {MAX_TEXT} "
+                            "characters any text value may have")
     if value is not None and fm.values is not None:
-        key = str(value)
-        if key not in fm.values:
-            raise CastError(f"value {value!r} is not one of the mapped values {sorted(fm.values)}")
-        value = fm.values[key]
+        if isinstance(value, (dict, list, tuple)):
+            raise CastError(f"expected one of the mapped values {sorted(fm.values)}, got {shape(value)}")
+        mapped = fm.values.get(_value_key(value))
+        if mapped is None:
+            raise CastError(f"value {_value_key(value)!r} is not one of the mapped values {sorted(fm.values)}")
+        value = mapped
     if value is None:
         if fm.required:
             raise CastError(f"required field {fm.label!r} is missing")
         return None
+    if fm.type not in _ACCEPTS:
+        raise CastError(f"unknown type {fm.type}")
+    _check_shape(value, fm.type)
     try:
         if fm.type == "text":
-            if isinstance(value, (dict, list)):
-                raise CastError(f"expected text, got a JSON {type(value).__name__}")
-            text = str(value)
+            if key:
+                from crm_sync.keys import KeyError_, canonical_key
+
+                try:
+                    text = canonical_key(value)
+                except KeyError_ as exc:
+                    raise CastError(f"not a usable record key: {exc}") from None
+            else:
+                text = str(value)
             if fm.max_length is not None and len(text) > fm.max_length:
-                raise CastError(f"is {len(text)} characters long, more than the {fm.max_length} allowed")
+                raise CastError(f"field {fm.label!r} is {len(text)} characters long, more than the "
+                                f"{fm.max_length} allowed")
             return text
         if fm.type == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, str):
+                number = Decimal(value)
+                if not number.is_finite() or number != number.to_integral_value():
+                    raise CastError(f"{value!r} is not a whole number")
+                value = int(number)
+            if isinstance(value, float) and not value.is_integer():
                 raise CastError(f"{value!r} is not a whole number")
-            return int(value) if isinstance(value, float) else int(str(value))
+            if isinstance(value, Decimal) and (not value.is_finite() or value != value.to_integral_value()):
+                raise CastError(f"{value} is not a whole number")
+            number = int(value)
+            if not -2**31 <= number < 2**31:
+                raise CastError(f"{number} is out of the range of an integer column")
+            return number
         if fm.type == "money":
             from crm_sync.money import MoneyError, parse_money
 
@@ -109,24 +210,21 @@ def cast(value, fm: FieldMap):
                 raise CastError(f"{value!r} is not a phone number ({phone.kind})")
             return phone.e164 + (f";ext={phone.extension}" if phone.extension else "")
         if fm.type == "json":
-            if isinstance(value, (dict, list)):
-                return value
-            raise CastError(f"expected a JSON list or object, got {type(value).__name__}")
+            return value
         if fm.type == "date":
             if isinstance(value, datetime):
                 return value.date()
             if isinstance(value, date):
                 return value
-            return date.fromisoformat(str(value)[:10]) if len(str(value)) >= 10 else date.fromisoformat(str(value))
+            return date.fromisoformat(value[:10]) if len(value) >= 10 else date.fromisoformat(value)
         if fm.type == "timestamptz":
-            if isinstance(value, datetime):
-                parsed = value
-            else:
-                parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            parsed = value if isinstance(value, datetime) else datetime.fromisoformat(value.replace("Z", "+00:00"))
             if parsed.tzinfo is None:
                 raise CastError(f"{value!r} has no time zone")
             return parsed
         if fm.type == "bool":
+            if isinstance(value, bool):
+                return value
             text = str(value).lower()
             if text in ("true", "t", "1", "yes", "y"):
                 return True
@@ -135,7 +233,7 @@ def cast(value, fm: FieldMap):
             raise CastError(f"{value!r} is not a boolean")
     except CastError:
         raise
-    except (ValueError, InvalidOperation, TypeError) as exc:
+    except (ValueError, InvalidOperation, TypeError, OverflowError) as exc:
         raise CastError(f"cannot cast {value!r} to {fm.type}: {exc}") from None
     raise CastError(f"unknown type {fm.type}")
 
@@ -152,14 +250,57 @@ def _money_scale(entity: str, fm: FieldMap, target: str) -> FieldMap:
     return fm.model_copy(update={"scale": scale})
 
 
+def _numeric_limits(entity: str) -> dict[str, tuple[int, int]]:
+    """(precision, scale) of the entity's `numeric(p,s)` columns: a larger value would fail the whole COPY."""
+    limits = {}
+    for column, kind in entities.get(entity).columns.items():
+        match = re.fullmatch(r"numeric\((\d+),\s*(\d+)\)", kind)
+        if match:
+            limits[column] = (int(match.group(1)), int(match.group(2)))
+    return limits
+
+
+def _fits(value, limit: tuple[int, int] | None) -> None:
+    if limit is None or not isinstance(value, Decimal):
+        return
+    precision, scale = limit
+    if value != 0 and value.adjusted() >= precision - scale:
+        raise CastError(f"{value} is too large for numeric({precision},{scale}) "
+                        f"(at most {precision - scale} digits before the decimal point)")
+
+
+def identity_rejects(payload: dict, keys: IdentityKeys) -> list[tuple[str, str]]:
+    """(payload field, reason) for each identity field of a customer payload that no identity can be
+    read from: an object, a list or a boolean where text is expected, or a text over `MAX_TEXT`
+    characters. The resolve stage reads such a field as absent; the map stage quarantines the record."""
+    fields = [keys.name, *keys.phones, keys.email, keys.company, keys.city]
+    out = []
+    for name in dict.fromkeys(f for f in fields if f):
+        value = payload.get(name)
+        if isinstance(value, (dict, list, tuple, bool)):
+            out.append((name, f"identity field {name!r}: expected text, got {shape(value)}"))
+        elif isinstance(value, str) and len(value.strip()) > MAX_TEXT:
+            out.append((name, f"identity field {name!r} is {len(value.strip())} characters long, more than the "
+                              f"{MAX_TEXT} characters any text value may have"))
+    return out
+
+
 def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> MapResult:
     entity = stream.entity
     spec = entities.get(entity)
     table = spec.staging
     columns = staging_columns(entity)
     field_maps = {target: _money_scale(entity, fm, target) for target, fm in stream.mapping.items()}
+    # a fact's customer reference (unless it is a phone) and any id-like field are record keys
+    key_fields = {t for t, fm in field_maps.items() if fm.type == "text" and is_key_field(t)}
+    limits = _numeric_limits(entity)
     rejects: list[quarantine.Reject] = []
     out_rows: list[list] = []
+
+    def reject(source_pk, field, reason, payload):
+        where = quarantine.where(cfg.source, stream.name, source_pk, field)
+        rejects.append(quarantine.Reject(stream.name, source_pk, "map", field, f"{where}: {reason}", payload))
+
     with conn.cursor() as cur:
         if entity == "customer":
             cur.execute(
@@ -177,13 +318,22 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
         rows = cur.fetchall()
         for source_pk, payload, *resolved in rows:
             values: dict = {}
-            failed = False
+            bad_fields: set[str] = set()
+            if entity == "customer" and stream.identity is not None:
+                for name, reason in identity_rejects(payload, stream.identity):
+                    reject(source_pk, name, reason, payload)
+                    bad_fields.add(name)
+            failed = bool(bad_fields)
             for target, fm in field_maps.items():
+                if fm.source_fields & bad_fields:
+                    continue  # already quarantined for this payload field
                 try:
-                    values[target] = cast(source_value(payload, fm), fm)
+                    value = cast(source_value(payload, fm), fm, key=target in key_fields)
+                    _fits(value, limits.get(target))
+                    values[target] = value
                 except CastError as exc:
-                    rejects.append(quarantine.Reject(stream.name, source_pk, "map", target,
-                                                     f"{fm.label}: {exc}", payload))
+                    origin = f" (from {fm.label!r})" if fm.label != target else ""
+                    reject(source_pk, target, f"{exc}{origin}", payload)
                     failed = True
             if failed:
                 continue
@@ -201,4 +351,4 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
                                     out_rows)
         quarantine.add(cur, run_id, cfg.source, rejects)
         staging.analyze(cur, table)
-    return MapResult(mapped=written, rejected=len(rejects))
+    return MapResult(mapped=written, rejected=len({r.source_pk for r in rejects}))

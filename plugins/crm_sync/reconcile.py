@@ -1,6 +1,9 @@
 """Reconcile stage: prove that what was extracted is what the CRM now holds.
 
 Per stream of the run, recorded in `sync.reconciliation`:
+- `source_rows`: every row the source handed over (and, where it can say, every row it holds in
+  the window: checked at extract) is loaded, unchanged, quarantined with a reason, a superseded
+  older version, or a tombstone — `lost` must be 0. The figures go to `sync.stream_account`;
 - `row_count`: rows extracted = rows loaded + rows quarantined;
 - `distinct_keys`: every accepted source key is present in the target with this run's content;
 - `<column>_sum` for each money sum the entity declares (`entities.EntitySpec.sums`): the exact
@@ -42,7 +45,7 @@ def _stream_checks(cur, run_id: str, source: str, stream: StreamConfig) -> list[
         """select
              (select count(*) from stg.extracted where run_id = %(run)s and source = %(source)s and stream = %(stream)s)
            + (select count(*) from sync.quarantine where run_id = %(run)s and source = %(source)s
-                and stream = %(stream)s and stage = 'extract')""",
+                and stream = %(stream)s and stage = 'extract' and blocks_key)""",
         params,
     )
     extracted = cur.fetchone()[0]
@@ -53,7 +56,7 @@ def _stream_checks(cur, run_id: str, source: str, stream: StreamConfig) -> list[
     accepted_rows = cur.fetchone()[0]
     cur.execute(
         """select count(distinct coalesce(source_pk, 'quarantine:' || quarantine_id)) from sync.quarantine
-           where run_id = %(run)s and source = %(source)s and stream = %(stream)s""",
+           where run_id = %(run)s and source = %(source)s and stream = %(stream)s and blocks_key""",
         params,
     )
     quarantined = cur.fetchone()[0]
@@ -68,6 +71,9 @@ def _stream_checks(cur, run_id: str, source: str, stream: StreamConfig) -> list[
         Check(stream.name, "row_count", Decimal(extracted), Decimal(accepted_rows + quarantined)),
         Check(stream.name, "distinct_keys", Decimal(accepted_rows), Decimal(present)),
     ]
+    account = _account(cur, params, spec)
+    if account is not None:
+        checks.append(account)
     for column in spec.sums:
         cur.execute(
             f"""select (select coalesce(sum(m.{column}), 0) {accepted}),
@@ -78,6 +84,47 @@ def _stream_checks(cur, run_id: str, source: str, stream: StreamConfig) -> list[
         source_sum, target_sum = cur.fetchone()
         checks.append(Check(stream.name, f"{column}_sum", Decimal(source_sum), Decimal(target_sum)))
     return checks
+
+
+def _account(cur, params: dict, spec) -> Check | None:
+    """Where every received row went; fills `sync.stream_account` and returns the `source_rows` check."""
+    cur.execute("""select received, source_rows, quarantined, superseded, tombstones, late_since
+                   from sync.stream_account where run_id = %(run)s and source = %(source)s and stream = %(stream)s""",
+                params)
+    row = cur.fetchone()
+    if row is None:  # the stream was not extracted by this run (trigger param `streams`)
+        return None
+    received, source_rows, q_extract, superseded, tombstones, late_since = row
+    target, key = spec.target, spec.key
+    cur.execute(
+        f"""select count(*) filter (where t.loaded_run_id = %(run)s),
+                   count(*) filter (where t.loaded_run_id is distinct from %(run)s),
+                   count(*) filter (where t.loaded_run_id = %(run)s and e.cursor_value < %(late)s)
+            from {spec.staging} m
+            join stg.extracted e on e.run_id = m.run_id and e.source = m.source and e.stream = m.stream
+                                and e.source_pk = m.source_pk
+            join {target} t on t.source = m.source and t.{key} = m.source_pk
+            where m.run_id = %(run)s and m.source = %(source)s and m.stream = %(stream)s and {ACCEPTED}""",
+        {**params, "late": late_since},
+    )
+    loaded, unchanged, late = cur.fetchone()
+    cur.execute(
+        """select count(distinct source_pk) from sync.quarantine where run_id = %(run)s and source = %(source)s
+             and stream = %(stream)s and stage <> 'extract' and blocks_key""", params)
+    q_later = cur.fetchone()[0]
+    cur.execute(f"select count(*) from {target} where source = %(source)s and deleted_at is not null"
+                f" and deleted_run_id = %(run)s", params)
+    deleted = cur.fetchone()[0]
+    accounted = loaded + unchanged + q_extract + q_later + superseded + tombstones
+    lost = received - accounted
+    cur.execute(
+        """update sync.stream_account set loaded = %s, unchanged = %s, quarantined = %s, deleted = %s, lost = %s,
+               late = %s, updated_at = now()
+           where run_id = %s and source = %s and stream = %s""",
+        (loaded, unchanged, q_extract + q_later, deleted, lost, late if late_since else None,
+         params["run"], params["source"], params["stream"]))
+    return Check(params["stream"], "source_rows", Decimal(source_rows if source_rows is not None else received),
+                 Decimal(accounted))
 
 
 def reconcile(conn, run_id: str, cfg: SourceConfig) -> list[Check]:
@@ -94,6 +141,13 @@ def reconcile(conn, run_id: str, cfg: SourceConfig) -> list[Check]:
             )
         ok = all(c.ok for c in checks)
         runlog.update(cur, run_id, cfg.source, reconcile_ok=ok)
+        cur.execute(
+            """update sync.run_log l set rows_unchanged = a.unchanged, rows_deleted = a.deleted, late_rows = a.late
+               from (select coalesce(sum(unchanged), 0) as unchanged, coalesce(sum(deleted), 0) as deleted,
+                            coalesce(sum(late), 0) as late
+                     from sync.stream_account where run_id = %(run)s and source = %(source)s) a
+               where l.run_id = %(run)s and l.source = %(source)s""",
+            {"run": run_id, "source": cfg.source})
     conn.commit()
     failed = [c for c in checks if not c.ok]
     if failed:

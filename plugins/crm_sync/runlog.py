@@ -7,10 +7,11 @@ from psycopg2 import sql
 
 COUNTERS = {
     "rows_extracted", "rows_mapped", "rows_loaded", "rows_rejected", "ids_linked", "ids_merged",
-    "ids_review", "ids_new", "api_calls", "facts_held", "facts_released",
+    "ids_review", "ids_new", "api_calls", "facts_held", "facts_released", "rows_deleted", "rows_unchanged",
+    "late_rows",
 }
 FIELDS = COUNTERS | {"state", "interval_start", "interval_end", "extract_since", "reconcile_ok",
-                     "failed_task", "error", "finished_at"}
+                     "failed_task", "error", "finished_at", "partial"}
 
 
 def start(cur, run_id: str, source: str, dag_id: str, interval_start: datetime | None,
@@ -69,3 +70,20 @@ def counts(conn, run_id: str, source: str) -> dict:
             f"{stream}/{stage}: {what}: {reason} ({n} rows)" for stream, stage, what, reason, n in cur.fetchall()
         ]
     return result
+
+
+def close_abandoned(cur, source: str, run_id: str) -> list[str]:
+    """Mark failed the runs of `source` still 'running' when a new run starts; return their ids.
+
+    A DAG allows one active run (`max_active_runs=1`), so another run of the same source still
+    'running' here was left so by a task that was killed (SIGKILL, OOM, a lost worker) before its
+    failure callback could record anything. Its data never loaded (the load is one transaction
+    and its watermarks move only with it), so this run reads that window again."""
+    cur.execute(
+        """update sync.run_log set state = 'failed', finished_at = now(),
+                  error = coalesce(error, 'abandoned: a task of this run was killed before it could record '
+                                          'its failure; closed by run ' || %(run)s)
+           where source = %(source)s and run_id <> %(run)s and state = 'running'
+           returning run_id""",
+        {"source": source, "run": run_id})
+    return sorted(r[0] for r in cur.fetchall())

@@ -146,7 +146,7 @@ def staging_tables() -> tuple[str, ...]:
     from crm_sync import entities
 
     return ("stg.extracted", "stg.resolved", *entities.staging_tables(), "stg.identity_input", "stg.match_key",
-            "stg.review_pair", "stg.cluster_merge")
+            "stg.review_pair", "stg.cluster_merge", "stg.snapshot_key", "stg.tombstone")
 
 
 

@@ -10,7 +10,7 @@ from crm_sync.config import all_source_names
 
 RUN_FIELDS = ["run_id", "state", "interval_start", "interval_end", "rows_extracted", "rows_mapped", "rows_loaded",
               "rows_rejected", "ids_linked", "ids_merged", "ids_review", "ids_new", "api_calls", "facts_held",
-              "facts_released", "reconcile_ok",
+              "facts_released", "rows_unchanged", "rows_deleted", "late_rows", "partial", "reconcile_ok",
               "failed_task", "error", "started_at", "finished_at"]
 
 
@@ -37,12 +37,21 @@ def source_status(conn, source: str) -> dict | None:
                     (last_run["run_id"] if last_run else None, source))
         recon = [{"stream": s, "check": c, "source": str(a), "target": str(b), "ok": ok}
                  for s, c, a, b, ok in cur.fetchall()]
-        rows = {}
+        cur.execute("""select stream, source_rows, received, loaded, unchanged, quarantined, superseded, tombstones,
+                              deleted, lost, late, partial
+                       from sync.stream_account where run_id = %s and source = %s order by stream""",
+                    (last_run["run_id"] if last_run else None, source))
+        names = [d[0] for d in cur.description]
+        accounts = [dict(zip(names, r)) for r in cur.fetchall()]
+        rows, deleted = {}, {}
         for spec in entities.ENTITIES:
-            cur.execute(f"select count(*) from {spec.target} where source = %s", (source,))
-            n = cur.fetchone()[0]
+            cur.execute(f"select count(*) filter (where deleted_at is null), count(*) filter (where deleted_at is not null)"
+                        f" from {spec.target} where source = %s", (source,))
+            n, gone = cur.fetchone()
             if n:
                 rows[spec.name] = n
+            if gone:
+                deleted[spec.name] = gone
         cur.execute("select count(*) from sync.held_fact where source = %s and released_run_id is null", (source,))
         held = cur.fetchone()[0]
     if last_run is None and not marks and not links:
@@ -56,14 +65,16 @@ def source_status(conn, source: str) -> dict | None:
         "links": links,
         "linked_customers": customers,
         "rows": rows,
+        "deleted_rows": deleted,
+        "accounts": accounts,
         "held_facts": held,
     }
 
 
 def all_status(conn) -> dict:
     with conn.cursor() as cur:
-        cur.execute("select count(*) filter (where merged_into is null), count(*) filter (where merged_into is not null)"
-                    " from crm.customer")
+        cur.execute("select count(*) filter (where merged_into is null and deleted_at is null),"
+                    " count(*) filter (where merged_into is not null) from crm.customer")
         active, merged = cur.fetchone()
         cur.execute("select count(*) from sync.quarantine")
         quarantined = cur.fetchone()[0]
@@ -93,8 +104,20 @@ def render(doc: dict) -> str:
         lines.append(f"{'':<11} watermark: {marks}")
         held = st.get("held_facts")
         rows = ", ".join(f"{k} {v}" for k, v in st.get("rows", {}).items())
+        gone = ", ".join(f"{k} {v}" for k, v in st.get("deleted_rows", {}).items())
         lines.append(f"{'':<11} in the CRM: {rows or 'nothing yet'}"
-                     + (f"; {held} facts waiting for their customer" if held else ""))
+                     + (f"; {held} facts waiting for their customer" if held else "")
+                     + (f"; soft-deleted: {gone}" if gone else ""))
+        for a in st.get("accounts", []):
+            if a.get("loaded") is None:
+                continue  # the run stopped before reconcile: nothing to account yet
+            parts = [f"{a['loaded']} loaded", f"{a['unchanged']} unchanged", f"{a['quarantined']} quarantined"]
+            parts += [f"{a[k]} {k}" for k in ("superseded", "tombstones") if a.get(k)]
+            held_by = a["source_rows"] if a["source_rows"] is not None else a["received"]
+            lines.append(f"{'':<11} {a['stream']}: source {held_by} = {' + '.join(parts)}; lost {a['lost']}"
+                         + (f"; {a['deleted']} soft-deleted" if a.get("deleted") else "")
+                         + (" (partial: resumes next run)" if a.get("partial") else "")
+                         + (f"; {a['late']} late rows caught" if a.get("late") else ""))
         if run.get("error"):
             lines.append(f"{'':<11} failed at {run.get('failed_task')}: {run['error'][:300]}")
     return "\n".join(lines)

@@ -177,7 +177,8 @@ def _fast_path() -> sql.Composed:
         select s.customer_id, {outs}, {prov} as provenance
         from crm.source_customer s
         join {touched} t on t.customer_id = s.customer_id
-        where not exists (select 1 from {general} g where g.customer_id = s.customer_id)
+        where s.deleted_at is null
+          and not exists (select 1 from {general} g where g.customer_id = s.customer_id)
     """).format(outs=sql.SQL(", ").join(outs), prov=_provenance(entries), touched=sql.Identifier(_TOUCHED),
                 general=sql.Identifier(_GENERAL))
     return _update(source)
@@ -212,6 +213,7 @@ def _candidates(cfg: SurvivorshipConfig) -> sql.Composed:
             from crm.source_customer s
             join {general} g on g.customer_id = s.customer_id
             left join sync.source_priority p on p.source = s.source
+            where s.deleted_at is null
             union all
             select o.customer_id, 'override', o.set_by, o.set_at, true, null, o.full_name, null,
                    o.phone_e164, o.phone_kind, null, o.email, o.company, o.city
@@ -265,6 +267,19 @@ def _general_path(cfg: SurvivorshipConfig) -> sql.Composed:
     return _update(source)
 
 
+# a golden record lives while one of its source records does (or a steward override keeps it); one
+# whose every source record was deleted keeps its last fields, marked deleted, until a record returns
+_LIFE = sql.SQL("""
+    update crm.customer c set deleted_at = case when x.live then null else now() end, updated_at = now()
+    from (select t.customer_id,
+                 exists (select 1 from crm.source_customer s where s.customer_id = t.customer_id
+                         and s.deleted_at is null)
+                 or exists (select 1 from crm.golden_override o where o.customer_id = t.customer_id) as live
+          from {touched} t) x
+    where c.customer_id = x.customer_id and c.merged_into is null and c.stub_ref is null
+      and (c.deleted_at is null) <> x.live
+""")
+
 _BY_RUN = sql.SQL("select distinct customer_id from stg.mapped_customer where run_id = %(run)s and source = %(source)s")
 _BY_IDS = sql.SQL("select distinct unnest(%(ids)s::uuid[]) as customer_id")
 
@@ -296,6 +311,7 @@ def refresh(cur, run_id: str | None, *, source: str | None = None, customer_ids=
     cur.execute(sql.SQL("""
         create temp table {general} as
         select s.customer_id from crm.source_customer s join {touched} t on t.customer_id = s.customer_id
+        where s.deleted_at is null
         group by s.customer_id having count(*) > 1
         union
         select o.customer_id from crm.golden_override o join {touched} t on t.customer_id = o.customer_id
@@ -306,6 +322,8 @@ def refresh(cur, run_id: str | None, *, source: str | None = None, customer_ids=
     cur.execute(_candidates(cfg))
     cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_CAND)))
     cur.execute(_general_path(cfg), params)
+    changed += cur.rowcount
+    cur.execute(_LIFE.format(touched=sql.Identifier(_TOUCHED)))
     changed += cur.rowcount
     _drop(cur)
     return changed

@@ -16,12 +16,15 @@ log = logging.getLogger("crm_sync")
 
 def _fail_fast_errors() -> tuple[type[BaseException], ...]:
     from crm_sync.config import ConfigError
+    from crm_sync.deletes import DeleteBrakeError
     from crm_sync.quality.validate import DataQualityError, SuiteError
     from crm_sync.reconcile import ReconciliationError
     from crm_sync.sources.http_source import SourceRejected
+    from crm_sync.sources.extract import LostRowsError
     from crm_sync.sources.sql_source import SchemaDriftError
 
-    return (DataQualityError, SuiteError, ReconciliationError, SourceRejected, ConfigError, SchemaDriftError)
+    return (DataQualityError, SuiteError, ReconciliationError, SourceRejected, ConfigError, SchemaDriftError,
+            DeleteBrakeError, LostRowsError)
 
 
 @contextmanager
@@ -30,7 +33,8 @@ def _stage(cfg: SourceConfig):
 
     from crm_sync import db
 
-    conn = db.task_connection(cfg.crm_conn_id)
+    conn = db.task_connection(cfg.crm_conn_id, system="the CRM database",
+                              statement_timeout_s=cfg.statement_timeout_seconds)
     try:
         yield conn
         conn.commit()
@@ -44,6 +48,18 @@ def _stage(cfg: SourceConfig):
         conn.close()
 
 
+def selected(cfg: SourceConfig, stream_name: str, context: dict) -> bool:
+    """Whether the run covers this stream (the trigger form's `streams`; empty = every stream)."""
+    streams = (context.get("params") or {}).get("streams") or []
+    unknown = sorted(set(streams) - {s.name for s in cfg.streams})
+    if unknown:
+        from crm_sync.config import ConfigError
+
+        raise ConfigError(f"trigger param 'streams': {unknown} are not streams of source '{cfg.source}' "
+                          f"(it has {[s.name for s in cfg.streams]})")
+    return not streams or stream_name in streams
+
+
 def extract(source: str, stream_name: str, context: dict) -> dict:
     from crm_sync import runlog, watermark
     from crm_sync.sources import extract as ex
@@ -52,21 +68,57 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
     cfg = load_source(source)
     stream = cfg.stream(stream_name)
     run_id = context["run_id"]
+    params = context.get("params") or {}
+    if not selected(cfg, stream_name, context):
+        log.info("%s.%s is not among the streams this run was triggered for; nothing extracted", source, stream_name)
+        return {"skipped": True}
+    notices: list[str] = []
     with _stage(cfg) as conn:
         with conn.cursor() as cur:
             runlog.start(cur, run_id, source, cfg.dag_id, context.get("data_interval_start"),
                          context.get("data_interval_end"), task_id=f"extract.{stream_name}")
+            abandoned = runlog.close_abandoned(cur, source, run_id)
         conn.commit()  # the run is visible (and its row unlocked) while the extract pages through the source
-        window = watermark.extract_window(conn, cfg, stream.name, context["data_interval_end"])
-        log.info("extracting %s.%s for %s: since=%s until=%s", source, stream.name, run_id, window.since, window.until)
+        if abandoned:
+            notices.append(f"runs {', '.join(abandoned)} of source '{source}' were left 'running' by a killed task; "
+                           "they are now marked failed (their data never loaded; this run reads their window again)")
+        window = watermark.extract_window(conn, cfg, stream.name, context["data_interval_end"],
+                                          context.get("data_interval_start"), params,
+                                          getattr(context.get("dag_run"), "run_type", None))
         extractor = extractor_for(cfg, stream)
+        listed = None
+        resumed = ex.read_checkpoint(conn, source, stream.name) if extractor.resumable else None
+        if resumed is not None and not (resumed["status"] == "partial"
+                                        or (resumed["status"] == "paging" and resumed["run_id"] == run_id)):
+            resumed = None
+        if resumed is not None:
+            window = watermark.Window(since=resumed["since"], until=resumed["until"])
+            log.info("%s.%s resumes paging where %s stopped (%d pages, %d records)", source, stream.name,
+                     "this run's last attempt" if resumed["run_id"] == run_id else f"run {resumed['run_id']}",
+                     resumed["pages"], resumed["records"])
+        log.info("extracting %s.%s for %s: since=%s until=%s%s", source, stream.name, run_id, window.since,
+                 window.until, " (late-row sweep)" if window.sweep else "")
         try:
             ledger = conn.cursor()  # the extractor's read access to the CRM (e.g. the files ledger)
             extractor.bind(ledger)
-            result = ex.stage_records(conn, run_id, cfg, stream, window, extractor.records(window),
-                                      extra_rejects=extractor.rejects)
+            if extractor.resumable:
+                result = ex.stage_pages(conn, run_id, cfg, stream, window, extractor, resumed=resumed)
+            else:
+                result = ex.stage_records(conn, run_id, cfg, stream, window,
+                                          _from_source(cfg, lambda: extractor.records(window)),
+                                          extra_rejects=extractor.rejects)
+                keys = extractor.snapshot_keys()
+                if keys is not None:
+                    with conn.cursor() as cur:
+                        listed = ex.stage_snapshot_keys(cur, run_id, source, stream.name,
+                                                        _from_source(cfg, lambda: keys))
+            ex.check_received(cfg, stream, result, source_total=extractor.source_total,
+                              source_checksum=extractor.source_checksum, partial=extractor.partial)
             with conn.cursor() as cur:
                 extractor.stage(cur, run_id)
+                ex.write_account(cur, run_id, cfg, stream, window, result, source_total=extractor.source_total,
+                                 source_checksum=extractor.source_checksum, partial=extractor.partial,
+                                 snapshot_keys=listed)
         except Exception:
             # the staged rows go, but paid calls were made: count them in a transaction of their own
             conn.rollback()
@@ -81,14 +133,46 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
             cur.execute("update sync.run_log set api_calls = api_calls + %s where run_id = %s and source = %s",
                         (extractor.calls, run_id, source))
             runlog.update(cur, run_id, source, extract_since=window.since)
+            if extractor.partial:
+                runlog.update(cur, run_id, source, partial=True)
         ex.record_extract(conn, run_id, cfg)
-    if extractor.notices:
+    notices += result.notices + extractor.notices
+    if extractor.partial:
+        notices.append(f"source '{source}' stream '{stream.name}': the call budget of "
+                       f"{cfg.http.max_calls_per_run} calls per run was spent after {result.received} records; "
+                       "this run loads what it read and the next run resumes paging where it stopped.")
+    if notices:
         from crm_sync.alerts import send_notice
 
-        send_notice(source, run_id, extractor.notices, to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
+        send_notice(source, run_id, notices, to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
                     context=context)
-    return {"rows": result.rows, "rejected": result.rejected, "api_calls": extractor.calls,
+    return {"rows": result.rows, "rejected": result.rejected, "received": result.received,
+            "api_calls": extractor.calls, "partial": extractor.partial, "sweep": window.sweep,
             "since": window.since.isoformat() if window.since else None, "until": window.until.isoformat()}
+
+
+def _from_source(cfg: SourceConfig, open_batches):
+    """Iterate a source's batches; a dropped source connection is the source's failure, not the CRM's.
+
+    The error names the source system and its connection (the task retries): on-call must not go
+    looking at the CRM database when the ERP went away."""
+    import psycopg2
+
+    from crm_sync.db import DatabaseError
+
+    def fail(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return DatabaseError(f"source '{cfg.source}' database (Airflow connection '{cfg.conn_id}') failed while "
+                             f"reading: {first}. Nothing was loaded; the task will retry.")
+
+    try:
+        batches = open_batches()
+        for batch in batches:
+            yield batch
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        if isinstance(exc, psycopg2.errors.QueryCanceled):
+            raise
+        raise fail(exc) from exc
 
 
 def _add_api_calls(run_id: str, source: str, cfg: SourceConfig, calls: int) -> None:
@@ -111,8 +195,11 @@ def resolve(source: str, context: dict) -> dict:
     from crm_sync.identity.resolve import resolve as run_resolve
     from crm_sync.sources.extract import record_extract
 
+    from crm_sync.sources.extract import check_staging
+
     cfg = load_source(source)
     with _stage(cfg) as conn:
+        check_staging(conn, context["run_id"], cfg)
         record_extract(conn, context["run_id"], cfg)
         result = run_resolve(conn, context["run_id"], cfg)
     return {"records": result.records, "linked": result.linked, "merged": result.merged, "new": result.new}
@@ -122,6 +209,8 @@ def map_stream(source: str, stream_name: str, context: dict) -> dict:
     from crm_sync import mapping
 
     cfg = load_source(source)
+    if not selected(cfg, stream_name, context):
+        return {"skipped": True}
     with _stage(cfg) as conn:
         result = mapping.map_stream(conn, context["run_id"], cfg, cfg.stream(stream_name))
         from crm_sync import entities
@@ -140,6 +229,8 @@ def validate_stream(source: str, stream_name: str, context: dict) -> dict:
     from crm_sync.quality.volume import check_volume
 
     cfg = load_source(source)
+    if not selected(cfg, stream_name, context):
+        return {"skipped": True}
     with _stage(cfg) as conn:
         check_volume(conn, context["run_id"], cfg, cfg.stream(stream_name))
         outcome = run_validate(conn, context["run_id"], cfg, cfg.stream(stream_name))
@@ -149,10 +240,14 @@ def validate_stream(source: str, stream_name: str, context: dict) -> dict:
 def load(source: str, context: dict) -> dict:
     from crm_sync import load as loader
 
+    from crm_sync.sources.extract import check_staging
+
     cfg = load_source(source)
     with _stage(cfg) as conn:
-        result = loader.load(conn, context["run_id"], cfg)
-    return {"customers": result.customers, **result.facts, "held": result.held, "released": result.released,
+        check_staging(conn, context["run_id"], cfg)
+        result = loader.load(conn, context["run_id"], cfg,
+                             allow_deletes=bool((context.get("params") or {}).get("allow_deletes")))
+    return {"customers": result.customers, "deleted": result.deleted, **result.facts, "held": result.held, "released": result.released,
             "rejected": result.rejected}
 
 
@@ -162,15 +257,28 @@ def reconcile(source: str, context: dict) -> dict:
     from crm_sync.sources.base import extractor_class
 
     cfg = load_source(source)
+    run_id = context["run_id"]
     with _stage(cfg) as conn:
-        checks = run_reconcile(conn, context["run_id"], cfg)
+        checks = run_reconcile(conn, run_id, cfg)
         with conn.cursor() as cur:
-            cur.execute("update sync.run_log set state = 'success', finished_at = now() where run_id = %s and source = %s",
-                        (context["run_id"], source))
+            cur.execute("""update sync.run_log set state = case when partial then 'partial' else 'success' end,
+                               finished_at = now() where run_id = %s and source = %s
+                           returning state, late_rows, rows_deleted""", (run_id, source))
+            state, late, deleted = cur.fetchone() or ("success", 0, 0)
         conn.commit()
-        extractor_class(cfg.kind).finish(conn, cfg, context["run_id"])
+        extractor_class(cfg.kind).finish(conn, cfg, run_id)
         purge_staging(conn, source)
-    return {"checks": {f"{c.stream}.{c.name}": c.ok for c in checks}}
+    if late:
+        from crm_sync.alerts import send_notice
+
+        send_notice(source, run_id, [
+            f"the late-row sweep of source '{source}' loaded {late} rows that the regular runs missed: they were "
+            f"committed in the source after their window had been read (beyond the {cfg.lookback_minutes}-minute "
+            "lookback). They are loaded now; if this repeats, raise lookback_minutes in "
+            f"include/sources/{source}.yaml."], to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
+            context=context)
+    return {"state": state, "late_rows": late, "deleted": deleted,
+            "checks": {f"{c.stream}.{c.name}": c.ok for c in checks}}
 
 
 class FailureCallback:

@@ -16,6 +16,7 @@ create table sync.stream_account (
     stream           text not null,
     window_since     timestamptz,
     window_until     timestamptz,
+    late_since       timestamptz,          -- the late-row sweep: rows before this were due in earlier runs
     source_rows      bigint,
     source_checksum  numeric,
     received         bigint not null default 0,
@@ -29,6 +30,7 @@ create table sync.stream_account (
     unchanged        bigint,
     deleted          bigint,
     lost             bigint,
+    late             bigint,
     partial          boolean not null default false,
     updated_at       timestamptz not null default now(),
     primary key (run_id, source, stream)

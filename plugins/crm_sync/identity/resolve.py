@@ -72,7 +72,7 @@ def _first_phone(payload: dict, fields: list[str], city) -> tuple[str | None, no
     rank = {"mobile": 0, "landline": 1, "other": 2, "invalid": 3}
     for name in fields:
         raw = payload.get(name)
-        if raw is None or str(raw).strip() == "":
+        if _text(raw) is None:
             continue
         phone = normalize.normalize_phone(str(raw), city=city)
         r = rank.get(phone.kind, 4)
@@ -82,7 +82,9 @@ def _first_phone(payload: dict, fields: list[str], city) -> tuple[str | None, no
 
 
 def _text(value) -> str | None:
-    if value is None:
+    """A payload's identity value as text; None when absent or of a shape no identity can be read
+    from (an object, a list, a boolean): the map stage quarantines such a record, naming the field."""
+    if value is None or isinstance(value, (dict, list, tuple, bool)):
         return None
     text = str(value).strip()
     return text or None
@@ -118,7 +120,9 @@ def _records(cur, run_id: str, cfg: SourceConfig, streams: list[StreamConfig]) -
                 "email": email.email if email.email else (normalize.nfkc(email.raw) or None),
                 "email_valid": email.valid,
             })
-    return pd.DataFrame(rows, columns=["record_id", "source", "stream", "source_pk", *IDENTITY_COLUMNS]), resolved
+    # object dtype: pandas' string dtype would turn a missing value into NaN, stored as the text 'nan'
+    return pd.DataFrame(rows, columns=["record_id", "source", "stream", "source_pk", *IDENTITY_COLUMNS],
+                        dtype=object), resolved
 
 
 def record_keys(feats: pd.DataFrame, settings: Settings) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -1,30 +1,47 @@
 """Validate stage: a Great Expectations suite from `include/expectations/` on the mapped batch.
 
 Each expectation carries `meta.severity`: `critical` or `warning`. Guarantees:
-- every result is stored in `sync.dq_result`;
-- rows failing a critical expectation are quarantined with the expectation's name (they never
-  load), even when the expectation as a whole passes thanks to its `mostly`;
-- when a critical expectation fails as a whole (more bad rows than `mostly` tolerates), the batch
-  is blocked: `DataQualityError` is raised after the quarantine and results are committed, so
-  load never runs and the watermark does not move;
+- every result is stored in `sync.dq_result` (GX's success and counts, and in `detail` whether the
+  expectation is row- or batch-level, its tolerance and what this stage decided);
+- row-level isolation: every row failing a critical ROW-level expectation (a GX map expectation:
+  not null, in set, between, regex, lengths, unique, …, or a column-pair / multicolumn map one) is
+  quarantined with its record key, field, expectation and a reason that names source, stream,
+  record and field and shows no personal value unmasked — and the rest of the batch goes on;
+- the batch is blocked (`DataQualityError`, raised after the quarantine and the results are
+  committed, so load never runs and the watermark does not move) when
+  * one critical row expectation fails for a larger share of the batch (unexpected_count /
+    element_count) than it tolerates: 1 - its own `mostly` when it declares one, else the stream's
+    `max_bad_share`;
+  * the distinct rows quarantined by all critical expectations together are a larger share than
+    the stream's `max_bad_share` — or, when an expectation that quarantined rows declares a looser
+    `mostly`, than the loosest of those (a declared tolerance is never overruled by the total);
+  * a critical BATCH-level expectation fails (table row count, column sums, means, distinct
+    values, …: no single row is wrong, so none can be set aside), or a critical expectation could
+    not be evaluated or did not name its failing rows;
+- the error says which tolerance was exceeded, by how much, with counts and example record keys,
+  and where the quarantined rows are;
 - warnings are recorded, never block, never quarantine.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
+from datetime import date, datetime
+from functools import lru_cache
 
 from crm_sync import paths, quarantine, staging
 from crm_sync.config import SourceConfig, StreamConfig
 from crm_sync import entities
+from crm_sync.masking import mask_email, mask_phone, mask_text
 
 log = logging.getLogger(__name__)
 
 
 class DataQualityError(RuntimeError):
-    """A critical expectation failed: the batch is blocked and its bad rows are quarantined."""
+    """The batch is blocked, nothing of it loads: a quality tolerance was exceeded or a batch-level check failed."""
 
 
 class SuiteError(ValueError):
@@ -37,6 +54,7 @@ class ValidationOutcome:
     quarantined: int
     failed_critical: list[str] = field(default_factory=list)
     failed_warning: list[str] = field(default_factory=list)
+    breaches: list[str] = field(default_factory=list)  # why the batch is blocked; empty: it goes on
 
 
 def load_suite_doc(name: str) -> dict:
@@ -87,9 +105,133 @@ def _frame(cur, table: str, run_id: str, source: str, stream: str):
     return pd.DataFrame.from_records(cur.fetchall(), columns=names)
 
 
+_ROW_LEVEL_BASES = ("ColumnMapExpectation", "ColumnPairMapExpectation", "MulticolumnMapExpectation")
+
+
+@lru_cache(maxsize=None)
+def is_row_level(expectation_type: str) -> bool:
+    """True for GX map expectations, which judge each row on its own (not null, in set, between, regex,
+    lengths, unique, …): their failing rows can be set aside. Aggregates and table expectations
+    (row count, sums, means, distinct values) judge the batch as a whole."""
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    try:
+        impl = get_expectation_impl(expectation_type)
+    except Exception:  # unknown to GX: its result will say so; never treat it as row-level
+        return False
+    return any(base.__name__ in _ROW_LEVEL_BASES for base in impl.__mro__)
+
+
+def _allowed(tolerance: float, rows: int) -> int:
+    """How many of `rows` a tolerance lets through (rounded first: 1 - 0.9 is 0.0999…)."""
+    return math.floor(round(tolerance * rows, 9))
+
+
+def _pct(share: float) -> str:
+    return f"{share * 100:.1f}%"
+
+
+def _missing(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (str, dict, list, tuple)):
+        return False
+    import pandas as pd
+
+    try:
+        return bool(pd.isna(value))  # NaN, NaT, pd.NA
+    except (TypeError, ValueError):
+        return False
+
+
+def _shown(column: str, value) -> str:
+    """A failing value as a quarantine reason may show it: personal data masked, no Python reprs."""
+    name = column.lower()
+    if isinstance(value, dict):  # a row of a multicolumn expectation: each value as its column says
+        return "(" + ", ".join(f"{k} {_shown(str(k), v)}" for k, v in value.items()) + ")"
+    if _missing(value):
+        return "(missing)"
+    if "email" in name or "phone" in name:
+        text = str(value)
+        masked = mask_email(text) if "email" in name else mask_phone(text)
+        # a malformed address or number is not recognised by the masks: show only its first character
+        return repr(masked if masked != text else text[:1] + "***")
+    if name in ("full_name", "name", "name_key", "contact"):
+        return repr(str(value)[:1] + "***")
+    if isinstance(value, list):
+        return mask_text(staging.to_json(value)[:80])
+    if isinstance(value, str):
+        return mask_text(repr(value if len(value) <= 80 else value[:80] + "…"))
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return mask_text(str(value))
+
+
+def _range(kwargs: dict) -> str:
+    def bound(v):
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if low is None:
+        return f"the range up to {bound(high)}"
+    if high is None:
+        return f"the range from {bound(low)}"
+    return f"{bound(low)} … {bound(high)}"
+
+
+def _what_failed(name: str, kwargs: dict, column: str, value) -> str:
+    """Why one row failed one expectation, in words; 'missing value' for a None/NaN, never 'value nan'."""
+    if _missing(value) or name == "expect_column_values_to_not_be_null":
+        return "missing value"
+    shown = _shown(column, value)
+    if name == "expect_column_values_to_be_in_set":
+        return f"value {shown} is not one of {list(kwargs.get('value_set') or [])}"
+    if name == "expect_column_values_to_not_be_in_set":
+        return f"value {shown} is one of the forbidden values {list(kwargs.get('value_set') or [])}"
+    if name == "expect_column_values_to_be_between":
+        return f"value {shown} is outside {_range(kwargs)}"
+    if name == "expect_column_value_lengths_to_be_between":
+        return f"value of {len(str(value))} characters is outside the lengths {_range(kwargs)}"
+    if name == "expect_column_value_lengths_to_equal":
+        return f"value of {len(str(value))} characters is not {kwargs.get('value')} characters long"
+    if name == "expect_column_values_to_match_regex":
+        return f"value {shown} does not match {kwargs.get('regex')}"
+    if name == "expect_column_values_to_not_match_regex":
+        return f"value {shown} matches the forbidden pattern {kwargs.get('regex')}"
+    if name == "expect_column_values_to_be_unique":
+        return f"value {shown} occurs in more than one row of the batch"
+    return f"value {shown} is unexpected"
+
+
+def _column_of(kwargs: dict) -> str:
+    if kwargs.get("column"):
+        return kwargs["column"]
+    if kwargs.get("column_A"):
+        return f"{kwargs['column_A']},{kwargs.get('column_B', '')}"
+    return ",".join(kwargs.get("column_list") or [])
+
+
+def _exception_message(info) -> str | None:
+    """GX reports an expectation that could not run either at the top level or per metric."""
+    if not isinstance(info, dict):
+        return None
+    if info.get("raised_exception") and info.get("exception_message"):
+        return str(info["exception_message"])
+    for value in info.values():
+        if isinstance(value, dict) and value.get("raised_exception"):
+            return str(value.get("exception_message") or "exception without a message")
+    return None
+
+
+def _examples(keys: list) -> str:
+    shown = ", ".join(repr(str(k)) for k in keys[:5])
+    return f"records {shown}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
 def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> ValidationOutcome:
     suite_doc = load_suite_doc(stream.expectation_suite)
     table = entities.get(stream.entity).staging
+    max_bad = stream.max_bad_share
     with conn.cursor() as cur:
         df = _frame(cur, table, run_id, cfg.source, stream.name)
         cur.execute("delete from sync.dq_result where run_id = %s and source = %s and stream = %s",
@@ -102,43 +244,104 @@ def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) 
         payloads = {row["source_pk"]: row for row in json.loads(df.to_json(orient="records", date_format="iso"))}
         rejects: list[quarantine.Reject] = []
         dq_rows = []
+        # tolerances of the row expectations that quarantined rows and declare their own `mostly`
+        declared: list[tuple[float, str]] = []
         for r in result.results:
             exp = r.expectation_config
             severity = exp.meta.get("severity", "critical")
-            column = exp.kwargs.get("column") or exp.kwargs.get("column_A") or ""
+            kwargs = {k: v for k, v in exp.kwargs.items() if k != "batch_id"}
+            column = _column_of(kwargs)
             name = exp.type
+            label = f"{name}({column})" if column else name
             res = r.result or {}
-            if not r.success:
+            error = _exception_message(r.exception_info)
+            total = res.get("element_count") or len(df)
+            unexpected = res.get("unexpected_count")
+            row_level = is_row_level(name)
+            decision, tolerance = "passed" if r.success and not error else "failed", None
+            if not r.success or error:
+                seen = error or f"{unexpected if unexpected is not None else '?'} of {total} rows"
                 (outcome.failed_critical if severity == "critical" else outcome.failed_warning).append(
-                    f"{name}({column}): {res.get('unexpected_count', '?')} of {res.get('element_count', len(df))} rows")
+                    f"{label}: {seen}")
+            if severity == "critical":
+                index_list = res.get("unexpected_index_list")
+                if error:
+                    decision = "blocked"
+                    outcome.breaches.append(f"{label} could not be evaluated: {error}")
+                elif not row_level:
+                    if not r.success:
+                        decision = "blocked"
+                        observed = res.get("observed_value")
+                        outcome.breaches.append(
+                            f"{label} failed" + (f" (observed {observed})" if observed is not None else "")
+                            + ": a batch-level expectation tolerates no failure, no single row can be set aside")
+                elif unexpected and (index_list is None or len(index_list) < unexpected):
+                    decision = "blocked"
+                    outcome.breaches.append(f"{label} failed for {unexpected} of {total} rows but named "
+                                            f"{len(index_list or [])} of them, so they cannot be set aside")
+                elif unexpected:
+                    mostly = kwargs.get("mostly")
+                    if mostly is not None:
+                        tolerance, whose = 1 - float(mostly), f"its own mostly = {mostly}"
+                        declared.append((tolerance, label))
+                    else:
+                        tolerance, whose = max_bad, f"the stream's max_bad_share = {max_bad}"
+                    allowed = _allowed(tolerance, total)
+                    keys = [item.get("source_pk") for item in index_list if isinstance(item, dict)]
+                    decision = "quarantined"
+                    if unexpected > allowed:
+                        decision = "blocked"
+                        share = unexpected / total
+                        outcome.breaches.append(
+                            f"{label} failed for {unexpected} of {total} rows ({_pct(share)}), more than the "
+                            f"{_pct(tolerance)} ({allowed} rows) tolerated by {whose}: over by "
+                            f"{(share - tolerance) * 100:.1f} percentage points, {unexpected - allowed} rows too many "
+                            f"({_examples(keys)})")
+                    for item in index_list:
+                        if not isinstance(item, dict):
+                            continue
+                        pk = item.get("source_pk")
+                        values = [v for k, v in item.items() if k != "source_pk"]
+                        bad = values[0] if len(values) == 1 else (None if not values else dict(
+                            (k, v) for k, v in item.items() if k != "source_pk"))
+                        why = _what_failed(name, kwargs, column, bad)
+                        rejects.append(quarantine.Reject(
+                            stream.name, pk, "validate", column or None,
+                            f"{quarantine.where(cfg.source, stream.name, pk, column or None)}: {name} failed: {why}",
+                            payloads.get(pk), expectation=name))
             dq_rows.append((run_id, cfg.source, stream.name, name, column, severity, bool(r.success),
-                            res.get("element_count"), res.get("unexpected_count"),
-                            staging.to_json({"kwargs": {k: v for k, v in exp.kwargs.items() if k != "batch_id"},
-                                             "partial_unexpected_list": [None if v != v else v  # NaN is no JSON
+                            res.get("element_count"), unexpected,
+                            staging.to_json({"kwargs": kwargs,
+                                             "level": "row" if row_level else "batch",
+                                             "decision": decision if severity == "critical" else "recorded",
+                                             "tolerance": tolerance,
+                                             "partial_unexpected_list": [None if _missing(v) else v
                                                                          for v in res.get("partial_unexpected_list", [])[:20]],
-                                             "exception": r.exception_info.get("exception_message")
-                                             if isinstance(r.exception_info, dict) else None})))
-            if severity != "critical":
-                continue
-            for item in res.get("unexpected_index_list") or []:
-                pk = item.get("source_pk") if isinstance(item, dict) else None
-                bad = item.get(column) if isinstance(item, dict) and column else None
-                rejects.append(quarantine.Reject(
-                    stream.name, pk, "validate", column or None,
-                    f"{name} failed for value {bad!r}" if column else f"{name} failed",
-                    payloads.get(pk), expectation=name))
+                                             "exception": error})))
+        outcome.quarantined = len({r.source_pk for r in rejects})
+        if outcome.quarantined:
+            loosest = max([(max_bad, f"the stream's max_bad_share = {max_bad}")] + declared)
+            allowed = _allowed(loosest[0], len(df))
+            if outcome.quarantined > allowed:
+                share = outcome.quarantined / len(df)
+                whose = loosest[1] if loosest[1].startswith("the stream") else f"the own mostly of {loosest[1]}"
+                outcome.breaches.append(
+                    f"together the critical expectations quarantined {outcome.quarantined} distinct rows of "
+                    f"{len(df)} ({_pct(share)}), more than the {_pct(loosest[0])} ({allowed} rows) tolerated by "
+                    f"{whose}: over by {(share - loosest[0]) * 100:.1f} percentage points, "
+                    f"{outcome.quarantined - allowed} rows too many")
         staging.copy_rows(cur, "sync.dq_result",
                           ["run_id", "source", "stream", "expectation", "column_name", "severity", "success",
                            "element_count", "unexpected_count", "detail"], _dedupe(dq_rows))
         quarantine.add(cur, run_id, cfg.source, rejects)
-        outcome.quarantined = len({r.source_pk for r in rejects})
-    if outcome.failed_critical:
+    if outcome.breaches:
         conn.commit()  # keep the evidence before failing the task
         raise DataQualityError(
             f"source '{cfg.source}' stream '{stream.name}': batch blocked by suite "
-            f"'{stream.expectation_suite}': " + "; ".join(outcome.failed_critical)
-            + f". {outcome.quarantined} rows quarantined in sync.quarantine (run_id = '{run_id}'); "
-            "nothing was loaded and the watermark did not move."
+            f"'{stream.expectation_suite}' ({len(df)} rows validated): " + "; ".join(outcome.breaches)
+            + f". {outcome.quarantined} rows quarantined at stage 'validate': select source_pk, field, expectation,"
+            f" reason from sync.quarantine where run_id = '{run_id}' and source = '{cfg.source}' and stream = "
+            f"'{stream.name}' and stage = 'validate'; nothing was loaded and the watermark did not move."
         )
     return outcome
 

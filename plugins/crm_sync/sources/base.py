@@ -40,6 +40,25 @@ class Extractor(ABC):
         self.rejects: list["Reject"] = []
         self.calls = 0                     # billed API calls made (http)
         self.by_status: dict[str, int] = {}
+        # what the source itself says the window holds, when it can say (a count query, an API total)
+        self.source_total: int | None = None
+        self.source_checksum: int | None = None  # sum of keys.key_hash over the window's keys
+        self.partial = False               # stopped early on purpose (call budget): resumes next run
+
+    # resumable extractors (paged APIs) override these three; the extract then commits page by page
+    resumable: ClassVar[bool] = False
+
+    def checkpoint(self) -> dict | None:
+        """State that resumes reading after the last batch `records()` yielded."""
+        return None
+
+    def resume(self, state: dict) -> None:
+        """Continue from a `checkpoint()` state instead of the window's first request."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume")
+
+    def snapshot_keys(self) -> Iterator[list[str]] | None:
+        """Every key the source holds, for a full snapshot (deletes); None when the source cannot list them."""
+        return None
 
     @property
     def notices(self) -> list[str]:

@@ -1,19 +1,32 @@
-"""Extract stage: source records into `stg.extracted` for one run, all or nothing.
+"""Extract stage: source records into `stg.extracted` for one run, every record accounted for.
 
-Guarantees: the run's previous staging rows for the stream are replaced in the same transaction
-(a retried task starts clean); rows are written with COPY; a record without its primary key or
-cursor is quarantined with the field named, never dropped; duplicates of one key inside the
-batch (a record updated while we paged) keep the newest version.
+Guarantees:
+- Every record the source hands over ends in exactly one place: staged (`stg.extracted`), a
+  tombstone (`stg.tombstone`), or `sync.quarantine` with the stream, record key, field and reason —
+  a missing or over-long key, a key of the wrong shape, a NUL character, a missing or unreadable
+  cursor. Nothing is filtered silently; one bad record never stops the batch.
+- Keys are canonical text (`keys.canonical_key`): `1`, `1.0` and `" 1"` are one record.
+- Duplicates of one key inside the batch keep the newest version; each older version is kept in
+  the quarantine as "superseded" (`blocks_key = false`: it does not stop the newest from loading).
+- A cursor beyond the source's clock (a bad clock, year 2099) is clamped to the interval end so the
+  watermark cannot jump ahead, and the record loads; it is counted and on-call is told.
+- `sync.stream_account` gets the run's figures for the stream: what the source says the window
+  holds (count and key checksum, when it can say), what was received, staged and quarantined. A
+  source that holds more rows than arrived fails the extract: rows are never lost unnoticed.
+- Batch extractors (SQL, files) write the stream in one transaction (a retried task starts clean);
+  resumable extractors (paged APIs) commit page by page with a checkpoint, so a retry resumes
+  after the last committed page, and a spent call budget ends the stream "partial".
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
 from crm_sync import quarantine, runlog, staging
 from crm_sync.config import SourceConfig, StreamConfig
+from crm_sync.keys import KeyError_, canonical_key, key_hash
 from crm_sync.watermark import Window
 
 log = logging.getLogger(__name__)
@@ -25,6 +38,10 @@ class ExtractResult:
     rejected: int
     since: datetime | None
     until: datetime
+    received: int = 0             # records the source handed over (every one is staged, a tombstone or quarantined)
+    checksum: int | None = None   # sum of key_hash over the received records' raw keys
+    future: int = 0               # cursors clamped to the interval end
+    notices: list = field(default_factory=list)
 
 
 def _parse_ts(value) -> datetime | None:
@@ -70,61 +87,328 @@ def _printable(record: dict) -> dict:
     return clean(record)
 
 
+class LostRowsError(RuntimeError):
+    """The source holds rows of the window that did not arrive (or the staging of the run is gone)."""
+
+
+class _Batch:
+    """Classifies the records of one stream into staged rows, tombstones and rejects."""
+
+    def __init__(self, cfg: SourceConfig, stream: StreamConfig, window: Window, now: datetime) -> None:
+        self.cfg, self.stream, self.window = cfg, stream, window
+        self.future_after = now + timedelta(minutes=cfg.future_skew_minutes)
+        self.latest: dict[str, tuple[datetime, dict]] = {}
+        self.tombstones: dict[str, datetime] = {}
+        self.rejects: list[quarantine.Reject] = []
+        self.seen_fields: set[str] = set()
+        self.received = 0
+        self.checksum = 0
+        self.future: list[str] = []
+        tomb = stream.tombstone
+        self.tomb_field = tomb.field if tomb else None
+        self.tomb_values = {v.lower() for v in tomb.values} if tomb else set()
+
+    def reject(self, pk, field, reason, record, *, blocks_key=True) -> None:
+        self.rejects.append(quarantine.Reject(self.stream.name, pk, "extract", field, reason, _printable(record),
+                                              blocks_key=blocks_key))
+
+    def add(self, record: dict) -> None:
+        stream = self.stream
+        self.received += 1
+        self.seen_fields.update(record)
+        raw_pk = record.get(stream.primary_key)
+        if raw_pk is not None and not isinstance(raw_pk, (dict, list, bool)):
+            self.checksum += key_hash(str(raw_pk).strip())
+        try:
+            pk = canonical_key(raw_pk)
+        except KeyError_ as exc:
+            self.reject(None, stream.primary_key, f"primary key is not usable: {exc}", record)
+            return
+        if pk is None:
+            self.reject(None, stream.primary_key, "primary key is missing", record)
+            return
+        if len(pk) > MAX_KEY_CHARS:
+            self.reject(pk[:80] + "…", stream.primary_key,
+                        f"primary key is {len(pk)} characters long, more than the {MAX_KEY_CHARS} a key may have",
+                        record)
+            return
+        bad = _nul_field(record)
+        if bad is not None:
+            self.reject(pk, bad, "contains a NUL character, which no PostgreSQL text can hold", record)
+            return
+        raw_cursor = record.get(stream.cursor_field)
+        try:
+            cursor_value = _parse_ts(raw_cursor)
+        except (TypeError, ValueError):
+            cursor_value = None
+        if cursor_value is None:
+            what = "missing" if raw_cursor in (None, "") else f"not a timestamp: {str(raw_cursor)[:80]!r}"
+            self.reject(pk, stream.cursor_field, f"cursor field is {what}; the record cannot be placed in a "
+                                                 "window (fix the value in the source)", record)
+            return
+        if cursor_value.tzinfo is None:
+            cursor_value = cursor_value.replace(tzinfo=timezone.utc)
+        if cursor_value >= self.window.until and cursor_value > self.future_after:
+            self.future.append(pk)
+            cursor_value = self.window.until  # clamped: the watermark must not jump to the year 2099
+        if self.tomb_field is not None and str(record.get(self.tomb_field)).strip().lower() in self.tomb_values:
+            self.tombstones[pk] = max(cursor_value, self.tombstones.get(pk, cursor_value))
+            return
+        previous = self.latest.get(pk)
+        if previous is None:
+            self.latest[pk] = (cursor_value, record)
+            return
+        newer, older = ((cursor_value, record), previous) if previous[0] <= cursor_value else (previous, (cursor_value, record))
+        self.latest[pk] = newer
+        self.reject(pk, stream.cursor_field,
+                    f"superseded: a newer version of this key (cursor {newer[0].isoformat()}) came in the same "
+                    f"batch; this version (cursor {older[0].isoformat()}) was not loaded", older[1], blocks_key=False)
+
+    def notices(self) -> list[str]:
+        if not self.future:
+            return []
+        return [f"source '{self.cfg.source}' stream '{self.stream.name}': {len(self.future)} records have a cursor "
+                f"({self.stream.cursor_field}) in the future, beyond the source's clock + "
+                f"{self.cfg.future_skew_minutes} min (keys {', '.join(self.future[:5])}"
+                f"{', …' if len(self.future) > 5 else ''}). They were loaded with the cursor clamped to the interval "
+                f"end {self.window.until.isoformat()}; check the source's clock or data entry."]
+
+
+def _write(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig, batch: _Batch) -> int:
+    rows = staging.copy_rows(
+        cur, "stg.extracted", ["run_id", "source", "stream", "source_pk", "cursor_value", "payload"],
+        ((run_id, cfg.source, stream.name, pk, cv, staging.to_json(rec)) for pk, (cv, rec) in batch.latest.items()),
+    )
+    if batch.tombstones:
+        staging.copy_rows(cur, "stg.tombstone", ["run_id", "source", "stream", "source_pk", "cursor_value"],
+                          ((run_id, cfg.source, stream.name, pk, cv) for pk, cv in batch.tombstones.items()))
+    quarantine.add(cur, run_id, cfg.source, batch.rejects)
+    return rows
+
+
 def stage_records(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, window: Window,
-                  batches: Iterable[list[dict]], extra_rejects: Iterable[quarantine.Reject] = ()) -> ExtractResult:
+                  batches: Iterable[list[dict]], extra_rejects: Iterable[quarantine.Reject] = (),
+                  *, now: datetime | None = None) -> ExtractResult:
     """Write the records of `batches` to staging in one transaction (caller commits).
 
     `extra_rejects` are records the extractor itself could not read (read after `batches` is
     exhausted, so an extractor may add to its list while it yields)."""
-    latest: dict[str, tuple[datetime | None, dict]] = {}
-    rejects: list[quarantine.Reject] = []
-    seen_fields: set[str] = set()
-    for batch in batches:
-        for record in batch:
-            seen_fields.update(record)
-            pk = record.get(stream.primary_key)
-            if pk is None or str(pk).strip() == "":
-                rejects.append(quarantine.Reject(stream.name, None, "extract", stream.primary_key,
-                                                 "primary key is missing", record))
-                continue
-            pk = str(pk)
-            if len(pk) > MAX_KEY_CHARS:
-                rejects.append(quarantine.Reject(
-                    stream.name, pk[:80] + "…", "extract", stream.primary_key,
-                    f"primary key is {len(pk)} characters long, more than the {MAX_KEY_CHARS} a key may have",
-                    _printable(record)))
-                continue
-            bad = _nul_field(record)
-            if bad is not None:
-                rejects.append(quarantine.Reject(stream.name, pk, "extract", bad,
-                                                 "contains a NUL character, which no PostgreSQL text can hold",
-                                                 _printable(record)))
-                continue
-            try:
-                cursor_value = _parse_ts(record.get(stream.cursor_field))
-            except (TypeError, ValueError):
-                cursor_value = None
-            if cursor_value is None:
-                rejects.append(quarantine.Reject(stream.name, pk, "extract", stream.cursor_field,
-                                                 f"cursor field is missing or not a timestamp: {record.get(stream.cursor_field)!r}",
-                                                 record))
-                continue
-            previous = latest.get(pk)
-            if previous is None or previous[0] <= cursor_value:
-                latest[pk] = (cursor_value, record)
-    if latest or rejects:
-        check_schema(cfg, stream, seen_fields)
-    rejects.extend(extra_rejects)
+    batch = _Batch(cfg, stream, window, now or datetime.now(timezone.utc))
+    for records in batches:
+        for record in records:
+            batch.add(record)
+    if batch.latest or batch.rejects or batch.tombstones:
+        check_schema(cfg, stream, batch.seen_fields)
+    extra = list(extra_rejects)
+    batch.rejects.extend(extra)
+    batch.received += len(extra)
     with conn.cursor() as cur:
-        staging.delete_run(cur, "stg.extracted", run_id, cfg.source, stream.name)
-        quarantine.clear(cur, run_id, cfg.source, stream.name, stage="extract")
-        rows = staging.copy_rows(
-            cur, "stg.extracted", ["run_id", "source", "stream", "source_pk", "cursor_value", "payload"],
-            ((run_id, cfg.source, stream.name, pk, cv, staging.to_json(rec)) for pk, (cv, rec) in latest.items()),
-        )
-        quarantine.add(cur, run_id, cfg.source, rejects)
+        clear_stream(cur, run_id, cfg.source, stream.name)
+        rows = _write(cur, run_id, cfg, stream, batch)
         staging.analyze(cur, "stg.extracted")
-    return ExtractResult(rows=rows, rejected=len(rejects), since=window.since, until=window.until)
+    result = ExtractResult(rows=rows, rejected=sum(r.blocks_key for r in batch.rejects), since=window.since,
+                           until=window.until, received=batch.received, checksum=batch.checksum,
+                           future=len(batch.future), notices=batch.notices())
+    return result
+
+
+def clear_stream(cur, run_id: str, source: str, stream: str) -> None:
+    """Remove the run's extract output for one stream (a retried extract starts clean)."""
+    for table in ("stg.extracted", "stg.tombstone", "stg.snapshot_key"):
+        staging.delete_run(cur, table, run_id, source, stream)
+    quarantine.clear(cur, run_id, source, stream, stage="extract")
+
+
+def stage_snapshot_keys(cur, run_id: str, source: str, stream: str, key_batches: Iterable[list[str]]) -> int:
+    """Every key a full snapshot holds (deletes are computed against it at load)."""
+    seen: set[str] = set()
+
+    def rows():
+        for keys in key_batches:
+            for k in keys:
+                if k not in seen and len(k) <= MAX_KEY_CHARS:
+                    seen.add(k)
+                    yield (run_id, source, stream, k)
+
+    n = staging.copy_rows(cur, "stg.snapshot_key", ["run_id", "source", "stream", "source_pk"], rows())
+    staging.analyze(cur, "stg.snapshot_key")
+    return n
+
+
+# --- resumable (paged) extractors ------------------------------------------------------------
+
+def read_checkpoint(conn, source: str, stream: str) -> dict | None:
+    with conn.cursor() as cur:
+        cur.execute("""select run_id, status, state, window_since, window_until, pages, records, calls
+                       from sync.extract_checkpoint where source = %s and stream = %s""", (source, stream))
+        row = cur.fetchone()
+    if row is None:
+        return None
+    return dict(zip(("run_id", "status", "state", "since", "until", "pages", "records", "calls"), row))
+
+
+def save_checkpoint(cur, run_id: str, source: str, stream: str, status: str, state: dict | None, window: Window,
+                    pages: int, records: int, calls: int) -> None:
+    cur.execute(
+        """insert into sync.extract_checkpoint as c (source, stream, run_id, status, state, window_since,
+               window_until, pages, records, calls, updated_at)
+           values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
+           on conflict (source, stream) do update set run_id = excluded.run_id, status = excluded.status,
+               state = excluded.state, window_since = excluded.window_since, window_until = excluded.window_until,
+               pages = excluded.pages, records = excluded.records, calls = excluded.calls, updated_at = now()""",
+        (source, stream, run_id, status, staging.to_json(state) if state is not None else None, window.since,
+         window.until, pages, records, calls))
+
+
+def stage_pages(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, window: Window, extractor,
+                *, resumed: dict | None, now: datetime | None = None) -> ExtractResult:
+    """Stage a resumable extractor's pages, committing each page with its checkpoint.
+
+    `resumed` is the checkpoint this extract continues (same run after a failed attempt, or a
+    previous run that spent its call budget); otherwise the stream's staging starts clean."""
+    now = now or datetime.now(timezone.utc)
+    same_run = resumed is not None and resumed["run_id"] == run_id
+    pages = resumed["pages"] if same_run else 0
+    records_total = resumed["records"] if same_run else 0
+    calls_before = resumed["calls"] if same_run else 0
+    if not same_run:
+        with conn.cursor() as cur:
+            clear_stream(cur, run_id, cfg.source, stream.name)
+        conn.commit()
+    if resumed is not None:
+        extractor.resume(resumed["state"])
+    seen_fields: set[str] = set()
+    future = 0
+    notices: list[str] = []
+    for records in extractor.records(window):
+        batch = _Batch(cfg, stream, window, now)
+        for record in records:
+            batch.add(record)
+        extra, extractor.rejects[:] = list(extractor.rejects), []
+        batch.rejects.extend(extra)
+        seen_fields |= batch.seen_fields
+        pages += 1
+        records_total += len(records) + len(extra)
+        future += len(batch.future)
+        notices += batch.notices()
+        with conn.cursor() as cur:
+            _merge_page(cur, run_id, cfg, stream, batch)
+            save_checkpoint(cur, run_id, cfg.source, stream.name, "paging", extractor.checkpoint(), window, pages,
+                            records_total, calls_before + extractor.calls)
+        conn.commit()
+    if seen_fields:
+        check_schema(cfg, stream, seen_fields)
+    status = "partial" if extractor.partial else "done"
+    with conn.cursor() as cur:
+        save_checkpoint(cur, run_id, cfg.source, stream.name, status,
+                        extractor.checkpoint() if extractor.partial else None, window, pages, records_total,
+                        calls_before + extractor.calls)
+        staging.analyze(cur, "stg.extracted")
+        cur.execute("select count(*) from stg.extracted where run_id = %s and source = %s and stream = %s",
+                    (run_id, cfg.source, stream.name))
+        rows = cur.fetchone()[0]
+        cur.execute("""select count(*) filter (where blocks_key) from sync.quarantine
+                       where run_id = %s and source = %s and stream = %s and stage = 'extract'""",
+                    (run_id, cfg.source, stream.name))
+        rejected = cur.fetchone()[0]
+    return ExtractResult(rows=rows, rejected=rejected, since=window.since, until=window.until,
+                         received=records_total, checksum=None, future=future, notices=notices)
+
+
+def _merge_page(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig, batch: _Batch) -> None:
+    """Add one page to the run's staging; a key already staged by an earlier page keeps the newer version."""
+    if batch.latest or batch.tombstones:
+        keys = list(batch.latest) + list(batch.tombstones)
+        cur.execute("""select source_pk, cursor_value, payload from stg.extracted
+                       where run_id = %s and source = %s and stream = %s and source_pk = any(%s)""",
+                    (run_id, cfg.source, stream.name, keys))
+        for pk, cursor_value, payload in cur.fetchall():
+            mine = batch.latest.get(pk) or (batch.tombstones.get(pk), None)
+            if mine[0] >= cursor_value:  # the earlier page's version is older: it goes, this one stays
+                batch.reject(pk, stream.cursor_field, f"superseded: a newer version of this key (cursor "
+                             f"{mine[0].isoformat()}) came later in the same batch; this version (cursor "
+                             f"{cursor_value.isoformat()}) was not loaded", payload, blocks_key=False)
+                cur.execute("delete from stg.extracted where run_id = %s and source = %s and stream = %s "
+                            "and source_pk = %s", (run_id, cfg.source, stream.name, pk))
+            else:
+                older = batch.latest.pop(pk, None) or (batch.tombstones.pop(pk), {})
+                batch.reject(pk, stream.cursor_field, f"superseded: a newer version of this key (cursor "
+                             f"{cursor_value.isoformat()}) came earlier in the same batch; this version (cursor "
+                             f"{older[0].isoformat()}) was not loaded", older[1], blocks_key=False)
+    _write(cur, run_id, cfg, stream, batch)
+
+
+def write_account(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig, window: Window,
+                  result: ExtractResult, *, source_total: int | None, source_checksum: int | None,
+                  partial: bool, snapshot_keys: int | None = None) -> None:
+    """The stream's extract figures in `sync.stream_account` (the load and reconcile add theirs)."""
+    cur.execute(
+        """select count(*) filter (where blocks_key), count(*) filter (where not blocks_key)
+           from sync.quarantine where run_id = %s and source = %s and stream = %s and stage = 'extract'""",
+        (run_id, cfg.source, stream.name))
+    quarantined, superseded = cur.fetchone()
+    cur.execute("select count(*) from stg.tombstone where run_id = %s and source = %s and stream = %s",
+                (run_id, cfg.source, stream.name))
+    tombstones = cur.fetchone()[0]
+    cur.execute(
+        """insert into sync.stream_account as a (run_id, source, stream, window_since, window_until, late_since,
+               source_rows, source_checksum, received, received_checksum, staged, quarantined, superseded,
+               future_clamped, tombstones, partial, snapshot_keys, updated_at)
+           values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
+           on conflict (run_id, source, stream) do update set window_since = excluded.window_since,
+               window_until = excluded.window_until, late_since = excluded.late_since,
+               source_rows = excluded.source_rows,
+               source_checksum = excluded.source_checksum, received = excluded.received,
+               received_checksum = excluded.received_checksum, staged = excluded.staged,
+               quarantined = excluded.quarantined, superseded = excluded.superseded,
+               future_clamped = excluded.future_clamped, tombstones = excluded.tombstones,
+               partial = excluded.partial, snapshot_keys = excluded.snapshot_keys, loaded = null, unchanged = null, deleted = null, lost = null,
+               late = null, updated_at = now()""",
+        (run_id, cfg.source, stream.name, window.since, window.until, window.normal_since if window.sweep else None,
+         source_total, source_checksum,
+         result.received, result.checksum, result.rows, quarantined, superseded, result.future, tombstones, partial,
+         snapshot_keys))
+
+
+def check_received(cfg: SourceConfig, stream: StreamConfig, result: ExtractResult, *, source_total: int | None,
+                   source_checksum: int | None, partial: bool) -> None:
+    """Fail when the source holds rows of the window that did not arrive."""
+    if source_total is None or partial:
+        return
+    where = f"source '{cfg.source}' stream '{stream.name}'"
+    if result.received < source_total:
+        raise LostRowsError(
+            f"{where}: the source holds {source_total} rows in the window "
+            f"[{result.since.isoformat() if result.since else 'start'}, {result.until.isoformat()}) but only "
+            f"{result.received} arrived; {source_total - result.received} would be lost. Nothing was loaded; "
+            "the task will retry.")
+    if result.checksum is not None and source_checksum is not None and result.received == source_total \
+            and result.checksum != source_checksum:
+        raise LostRowsError(
+            f"{where}: {source_total} rows arrived as the source counts, but their keys differ from the "
+            "source's (key checksum mismatch): some rows were read twice and others not at all. Nothing was "
+            "loaded; the task will retry.")
+    if result.received > source_total:
+        log.warning("%s: %d rows arrived, the source counted %d in the window (rows added while paging)",
+                    where, result.received, source_total)
+
+
+def check_staging(conn, run_id: str, cfg: SourceConfig) -> None:
+    """Fail when the run's staging is gone (a PostgreSQL crash restart empties unlogged tables)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """select a.stream, a.staged,
+                      (select count(*) from stg.extracted e
+                        where e.run_id = a.run_id and e.source = a.source and e.stream = a.stream)
+               from sync.stream_account a where a.run_id = %s and a.source = %s""",
+            (run_id, cfg.source))
+        gone = [(stream, staged, present) for stream, staged, present in cur.fetchall() if present != staged]
+    if gone:
+        detail = "; ".join(f"{s}: {staged} rows extracted, {present} left in staging" for s, staged, present in gone)
+        raise LostRowsError(
+            f"source '{cfg.source}' run '{run_id}': the run's staging is gone ({detail}) — PostgreSQL restarted "
+            "or someone purged stg.*. Nothing of it was loaded and the watermark did not move: the next run reads "
+            "the window again, or clear this whole DAG run (every task) to redo it now.")
 
 
 def expected_fields(stream: StreamConfig) -> set[str]:
