@@ -339,18 +339,18 @@ def test_a_next_link_to_another_origin_is_not_followed(api):
 
 # --- the body -------------------------------------------------------------------------------------
 
-def test_records_path_that_selects_no_list_names_what_it_found(api):
-    with pytest.raises(SourceRejected) as failure:
+def test_records_path_that_selects_no_list_is_retried_then_names_what_it_found(api):
+    with pytest.raises(SourceUnavailable) as failure:
         fetch(api, "/v2/items", HttpOptions(records_path="result.items"))
     message = str(failure.value)
     assert "source 'desk' stream 'items': GET /v2/items page 1" in message
     assert "records_path 'result.items' selects nothing" in message
     assert "['data', 'next_cursor']" in message
 
-    with pytest.raises(SourceRejected, match=r"records_path '' \(the body itself\) selects an object with keys "
+    with pytest.raises(SourceUnavailable, match=r"records_path '' \(the body itself\) selects an object with keys "
                                              r"\['data', 'next_cursor'\]"):
         fetch(api, "/v2/items", HttpOptions(records_path=""))
-    with pytest.raises(SourceRejected, match=r"records_path 'result' selects an object with keys \['items', "
+    with pytest.raises(SourceUnavailable, match=r"records_path 'result' selects an object with keys \['items', "
                                              r"'total_pages'\]"):
         fetch(api, "/pages", HttpOptions(records_path="result", paginator={"type": "page_number"}))
 

@@ -10,8 +10,16 @@ Guarantees:
   counts the request (the clock of the every-Nth faults) and returns the fault's response, built by
   the simulator's own `error(status, message, headers)` from `messages` (keys: outage, rate_limited,
   flaky, internal, unavailable), or None after any hang or slow-down. In order: `outage` -> 503,
-  every `rate_limit_every`th -> 429 with `Retry-After`, every `error_every`th -> 503, `error_rate`
-  -> 500 or 503, then every `timeout_every`th hangs `hang_seconds` and `slow_seconds` delays all.
+  every `rate_limit_every`th -> 429 with `Retry-After` (delta-seconds, or an HTTP date that many
+  seconds ahead with `retry_after_date`), every `error_every`th -> 503, `error_rate` -> 500 or 503,
+  then every `bad_body_every`th request (and every one from the `bad_body_from`th on) answers 200
+  with a body of the wrong shape, whatever the dialect (`bad_body`: malformed_json, html,
+  json_list, or cut: a Content-Length larger than what is sent, then the connection closes); then
+  every `timeout_every`th hangs `hang_seconds` and `slow_seconds` delays all.
+- Faults of a cursor dialect, which the simulator that has one honours (the ticketing desk):
+  `cursor_stuck` (the next cursor is the one the request sent: it never advances),
+  `cursor_replays` (a new cursor each time that serves the same page again) and `first_page_total`
+  (the first page carries `total`, the window's record count, as some APIs do).
 - `install_admin(app, authorised, error, unauthorised)` adds `POST /_admin/faults` (a JSON object of
   changes; 400 via `error` if it is not one or names an unknown or mistyped setting),
   `GET /_admin/stats` and `POST /_admin/stats/reset`, each answering `unauthorised()` unless
@@ -33,13 +41,14 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-__all__ = ["Faults", "ApiServer", "ErrorResponse", "HTTP_FAULT_MESSAGES", "free_port", "faults_from_args",
+__all__ = ["BAD_BODIES", "Faults", "ApiServer", "ErrorResponse", "HTTP_FAULT_MESSAGES", "free_port", "faults_from_args",
            "install_admin", "misbehave", "new_app", "run_standalone", "set_faults", "simulator_parser"]
 
 ErrorResponse = Callable[..., JSONResponse]  # error(status, message, headers=None), in the simulator's dialect
@@ -52,6 +61,10 @@ HTTP_FAULT_MESSAGES = {
     "internal": "internal error",
     "unavailable": "service unavailable",
 }
+
+
+# What a 200 with a body of the wrong shape looks like (`Faults.bad_body`).
+BAD_BODIES = frozenset({"malformed_json", "html", "json_list", "cut"})
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,17 @@ class Faults:
     hang_seconds: float = 30.0       # longer than any sane client timeout
     outage: bool = False             # every data request answers 503
     seed: int = 0                    # of the error_rate draws, so a failing run can be replayed
+    retry_after_date: bool = False   # the 429s' Retry-After is an HTTP date retry_after_seconds ahead
+    bad_body: str = "malformed_json"  # what a bad 200 body is: one of BAD_BODIES
+    bad_body_every: int = 0          # every Nth data request answers 200 with a `bad_body`
+    bad_body_from: int = 0           # every data request from the Nth on does (a body that stays bad)
+    cursor_stuck: bool = False       # cursor dialects: the next cursor is the one sent (never advances)
+    cursor_replays: bool = False     # cursor dialects: a fresh cursor that serves the same page again
+    first_page_total: bool = False   # cursor dialects: the first page carries `total` (records in the window)
+
+    def __post_init__(self) -> None:
+        if self.bad_body not in BAD_BODIES:
+            raise ValueError(f"fault setting bad_body must be one of {sorted(BAD_BODIES)}, got {self.bad_body!r}")
 
     def updated(self, **changes: Any) -> "Faults":
         known = {f.name for f in fields(self)}
@@ -79,6 +103,36 @@ class Faults:
             if not isinstance(value, allowed) or (expected is not bool and isinstance(value, bool)):
                 raise ValueError(f"fault setting {name} must be {expected.__name__}, got {value!r}")
         return replace(self, **changes)
+
+    def bad_body_due(self, n: int) -> bool:
+        return bool((self.bad_body_every and n % self.bad_body_every == 0)
+                    or (self.bad_body_from and n >= self.bad_body_from))
+
+
+class _CutBody(Response):
+    """A 200 that announces more body than it sends, then drops the connection (a truncated read)."""
+
+    def __init__(self, sent: bytes, announced: int) -> None:
+        super().__init__(status_code=200, media_type="application/json")
+        self.sent, self.announced = sent, announced
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(self.announced).encode())]})
+        await send({"type": "http.response.body", "body": self.sent, "more_body": True})
+        # returning without the rest makes uvicorn close the connection mid-body (it logs that it did)
+
+
+def _bad_body(kind: str) -> Response:
+    if kind == "html":  # a proxy's or CDN's error page, served with 200
+        return Response(b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1>"
+                        b"<p>The upstream did not answer.</p></body></html>", status_code=200, media_type="text/html")
+    if kind == "json_list":  # JSON, but a list where the dialect has an object
+        return Response(b'[{"error": "maintenance"}]', status_code=200, media_type="application/json")
+    if kind == "cut":
+        return _CutBody(b'{"data": [{"id": "u-000001", "name": "', announced=4096)
+    return Response(b'{"data": [{"id": "u-000001", "name": "Li', status_code=200, media_type="application/json")
 
 
 class _Stats:
@@ -128,19 +182,26 @@ def set_faults(app: FastAPI, **changes: Any) -> Faults:
 
 
 async def misbehave(app: FastAPI, error: ErrorResponse,
-                    messages: Mapping[str, str] = HTTP_FAULT_MESSAGES) -> JSONResponse | None:
+                    messages: Mapping[str, str] = HTTP_FAULT_MESSAGES) -> Response | None:
     """Count an authorised data request; the fault's response if it fails, else None (after any hang or delay)."""
     f: Faults = app.state.faults
     n = app.state.stats.tick()
     if f.outage:
         return error(503, messages["outage"])
     if f.rate_limit_every and n % f.rate_limit_every == 0:
-        return error(429, messages["rate_limited"], {"Retry-After": str(f.retry_after_seconds)})
+        if f.retry_after_date:
+            when = datetime.now(timezone.utc) + timedelta(seconds=f.retry_after_seconds)
+            retry_after = format_datetime(when, usegmt=True)
+        else:
+            retry_after = str(f.retry_after_seconds)
+        return error(429, messages["rate_limited"], {"Retry-After": retry_after})
     if f.error_every and n % f.error_every == 0:
         return error(503, messages["flaky"])
     if f.error_rate and app.state.error_rng.random() < f.error_rate:
         status = app.state.error_rng.choice((500, 503))
         return error(status, messages["internal"] if status == 500 else messages["unavailable"])
+    if f.bad_body_due(n):
+        return _bad_body(f.bad_body)
     if f.timeout_every and n % f.timeout_every == 0:
         await asyncio.sleep(f.hang_seconds)
     if f.slow_seconds:

@@ -16,7 +16,9 @@ Guarantees:
   (`POST /_admin/faults`), and every call to the data endpoints is counted by endpoint and status
   (`GET /_admin/stats`), so tests can prove how many billed calls a sync made. Faults apply to the
   data endpoints only; the admin endpoints need the same token. Errors, fault answers included,
-  are `{"error": str, "status": int}`.
+  are `{"error": str, "status": int}`. The cursor faults are honoured here: `cursor_stuck` answers
+  the cursor it was sent, `cursor_replays` a fresh cursor for the same position (the same page
+  comes again), and `first_page_total` adds `"total"` (records in the window) to a first page.
 - `TicketingServer` (an `apiserver.ApiServer`) runs the app with uvicorn in a background thread on
   127.0.0.1 and returns from `start()` only once it answers. `python -m crm_sync.simulators.ticketing`
   runs it standalone.
@@ -162,19 +164,27 @@ class TicketingStore(Store):
             end = min(start + limit, hi)
             return [dict(r) for r in records[start:end]], (keys[end - 1] if end < hi else None)
 
+    def count(self, kind: str, *, since: datetime | None, before: datetime | None) -> int:
+        """How many records of `kind` the window holds."""
+        with self.lock:
+            _, _, lo, hi = self.view(kind, "updated_at", "id").slice(self.users if kind == "users" else self.tickets,
+                                                                     lower=since, upper=before)
+            return hi - lo
+
 
 def _before(rng: random.Random, now: datetime, max_seconds: int) -> datetime:
     return now - timedelta(seconds=rng.randint(1, max_seconds), microseconds=rng.randint(0, 999) * 1000)
 
 
-def encode_cursor(key: tuple[datetime, str]) -> str:
-    raw = json.dumps([key[0].isoformat(), key[1]]).encode()
+def encode_cursor(key: tuple[datetime, str], nonce: int | None = None) -> str:
+    # a nonce makes another spelling of the same position (the cursor_replays fault)
+    raw = json.dumps([key[0].isoformat(), key[1]] + ([nonce] if nonce is not None else [])).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    ts, record_id = json.loads(raw)
+    ts, record_id = json.loads(raw)[:2]
     return _parse_ts(ts), str(record_id)
 
 
@@ -214,7 +224,15 @@ def create_app(store: TicketingStore, token: str, faults: Faults | None = None):
         if not 1 <= limit <= MAX_LIMIT:
             return error(400, f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
         records, last = store.page(kind, since=since, before=before, limit=limit, after=after)
-        return JSONResponse({"data": records, "next_cursor": encode_cursor(last) if last else None})
+        body = {"data": records, "next_cursor": encode_cursor(last) if last else None}
+        f: Faults = app.state.faults
+        if after is not None and last is not None and f.cursor_stuck:
+            body["next_cursor"] = q["cursor"]
+        elif after is not None and last is not None and f.cursor_replays:
+            body["next_cursor"] = encode_cursor(after, nonce=app.state.stats.requests)
+        if after is None and f.first_page_total:
+            body["total"] = store.count(kind, since=since, before=before)
+        return JSONResponse(body)
 
     @app.get(ENDPOINTS["users"])
     async def users(request: Request):
