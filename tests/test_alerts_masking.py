@@ -136,8 +136,8 @@ def test_message_names_dag_task_source_run_error_counts_and_next_steps():
         data_interval_end=datetime(2026, 11, 24, 2, tzinfo=timezone.utc),
         counts=COUNTS,
     )
-    assert subject == f"[crm-sync] FAILED crm_sync__erp / validate.customers — source erp, run {RUN_ID}"
-    for expected in ("crm_sync__erp", "validate.customers", "source:        erp", RUN_ID, "try:           1 of 4",
+    assert subject == f"[crm-sync] BLOCKED crm_sync__erp / validate.customers — source erp, run {RUN_ID}"
+    for expected in ("crm_sync__erp", "validate.customers", "source:        erp", RUN_ID, "try:           1 — not retried: retrying cannot fix this error",
                      "2026-11-23T02:00:00+00:00 → 2026-11-24T02:00:00+00:00", "DataQualityError",
                      "expect_column_values_to_match_regex failed for 12 rows",
                      "rows extracted:                1500", "rows rejected (quarantined):   12",
@@ -146,6 +146,18 @@ def test_message_names_dag_task_source_run_error_counts_and_next_steps():
         assert expected in body, expected
     assert "mobile ***8000 and email z***@example.com" in body
     assert _leaks(subject + body) == []
+
+
+def test_retry_wording_only_for_errors_that_retry():
+    blocked = RuntimeError("DataQualityError: a critical expectation failed")
+    outage = RuntimeError("SourceUnavailable: ticketing.users: GET /api/v2/users failed after 6 attempts")
+    _, body = render_failure_message(dag_id="crm_sync__erp", task_id="validate.orders", source="erp", run_id=RUN_ID,
+                                     exception=blocked, try_number=1, max_tries=3)
+    assert "not retried" in body and "1 of 4" not in body
+    assert "was stopped by a data-quality gate" in body
+    subject, body = render_failure_message(dag_id="crm_sync__ticketing", task_id="extract.users", source="ticketing",
+                                           run_id=RUN_ID, exception=outage, try_number=4, max_tries=3)
+    assert "4 of 4" in body and "not retried" not in body and subject.startswith("[crm-sync] FAILED")
 
 
 @pytest.mark.parametrize("error,advice", [
@@ -282,7 +294,7 @@ def test_callback_sends_the_masked_alert_through_smtp(tmp_path, monkeypatch):
     assert asked == [(RUN_ID, "erp")]
     assert len(messages) == 1
     msg = messages[0]
-    assert str(msg["Subject"]) == f"[crm-sync] FAILED crm_sync__erp / validate.customers — source erp, run {RUN_ID}"
+    assert str(msg["Subject"]) == f"[crm-sync] BLOCKED crm_sync__erp / validate.customers — source erp, run {RUN_ID}"
     assert msg["To"] == "oncall-data@example.com"
     assert msg["From"] == "crm-sync@localhost"
     body = html.unescape(msg.get_body(("html", "plain")).get_content())

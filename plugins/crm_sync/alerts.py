@@ -25,6 +25,12 @@ DEFAULT_FROM = "crm-sync@localhost"
 
 CountsProvider = Callable[[str, str], Mapping[str, Any]]
 
+# errors a retry cannot fix: the task fails at once (tasks._fail_fast_errors), the alert says so
+NOT_RETRIED = {"DataQualityError", "DriftError", "SuiteError", "ReconciliationError", "SourceRejected",
+               "ConfigError", "SchemaDriftError", "DeleteBrakeError", "LostRowsError", "AirflowFailException"}
+# a gate decided: the batch was stopped on purpose before load (as opposed to a crash)
+BLOCKING = {"DataQualityError", "DriftError", "DeleteBrakeError", "SchemaDriftError"}
+
 # run-log figures in the order on-call reads them
 _COUNT_LABELS = [
     ("state", "run state"),
@@ -231,11 +237,17 @@ def render_failure_message(
             error += f"\n  caused by {type(cause).__name__}: {cause}"
     else:
         error = _fmt(exception) if exception else "(no exception was passed to the callback)"
-    tries = _fmt(try_number) + (f" of {int(max_tries) + 1}" if isinstance(max_tries, int) else "")
+    if NOT_RETRIED & set(names):
+        tries = f"{_fmt(try_number)} — not retried: retrying cannot fix this error"
+    else:
+        tries = _fmt(try_number) + (f" of {int(max_tries) + 1}" if isinstance(max_tries, int) else "")
+    blocked = bool(BLOCKING & set(names))
 
-    subject = f"[crm-sync] FAILED {dag_id} / {task_id} — source {source}, run {run_id}"
+    state = "BLOCKED" if blocked else "FAILED"
+    subject = f"[crm-sync] {state} {dag_id} / {task_id} — source {source}, run {run_id}"
     body = "\n".join([
-        f"crm-sync: task {task_id} of DAG {dag_id} failed.",
+        f"crm-sync: task {task_id} of DAG {dag_id} "
+        + ("was stopped by a data-quality gate (a decision, not a crash)." if blocked else "failed."),
         "",
         f"  {'DAG:':<14} {dag_id}",
         f"  {'task:':<14} {task_id}",
@@ -323,6 +335,7 @@ def make_failure_callback(
     counts_provider: CountsProvider | None = None,
     from_email: str | None = None,
     conn_id: str | None = None,
+    webhook_conn_id: str | None = None,
 ) -> Callable[[Mapping[str, Any]], None]:
     """An `on_failure_callback` body that e-mails on-call; it never raises.
 
@@ -341,7 +354,8 @@ def make_failure_callback(
                     counts_error = f"{type(exc).__name__}: {exc}"
             subject, body = render_failure_message(**details, counts=counts, counts_error=counts_error,
                                                    conn_id=conn_id or _source_conn_id(source))
-            _send(subject, body, to=to, smtp_conn_id=smtp_conn_id, from_email=from_email, context=context)
+            _send(subject, body, to=to, smtp_conn_id=smtp_conn_id, from_email=from_email, context=context,
+                  webhook_conn_id=webhook_conn_id)
             log.info("failure alert for %s sent to %d recipient(s)", mask_text(details["run_id"]), len(to))
         except Exception as exc:  # noqa: BLE001 - a failing alert must not hide the task's failure
             log.error("could not send the failure alert for source %s: %s", source,
@@ -351,7 +365,7 @@ def make_failure_callback(
 
 
 def send_notice(source: str, run_id: str, notices: list[str], *, to: list[str], smtp_conn_id: str,
-                context: Mapping[str, Any]) -> None:
+                context: Mapping[str, Any], webhook_conn_id: str | None = None) -> None:
     """A warning e-mail for something on-call must act on while the run itself goes on; never raises."""
     try:
         subject = f"[crm-sync] WARNING {source}: {len(notices)} item(s) need attention — run {run_id}"
@@ -360,13 +374,33 @@ def send_notice(source: str, run_id: str, notices: list[str], *, to: list[str], 
             *(f"- {mask_text(n)}" for n in notices), "",
             "Rejected rows and files are in sync.quarantine (where run_id = the run above).",
         ])
-        _send(subject, body, to=to, smtp_conn_id=smtp_conn_id, from_email=None, context=context)
+        _send(subject, body, to=to, smtp_conn_id=smtp_conn_id, from_email=None, context=context,
+              webhook_conn_id=webhook_conn_id)
     except Exception as exc:  # noqa: BLE001 - a failing notice must not fail the extract
         log.error("could not send the notice for source %s: %s", source, mask_text(f"{type(exc).__name__}: {exc}"))
 
 
 def _send(subject: str, body: str, *, to: list[str], smtp_conn_id: str, from_email: str | None,
-          context: Mapping[str, Any]) -> None:
+          context: Mapping[str, Any], webhook_conn_id: str | None = None) -> None:
+    """E-mail, then the webhook when one is configured; both are tried, the first error is raised."""
+    errors: list[BaseException] = []
+    try:
+        _send_mail(subject, body, to=to, smtp_conn_id=smtp_conn_id, from_email=from_email, context=context)
+    except Exception as exc:  # noqa: BLE001 - still try the webhook
+        errors.append(exc)
+    if webhook_conn_id:
+        try:
+            from crm_sync.notifiers import WebhookNotifier
+
+            WebhookNotifier(http_conn_id=webhook_conn_id, subject=subject, body=body).notify(dict(context))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _send_mail(subject: str, body: str, *, to: list[str], smtp_conn_id: str, from_email: str | None,
+               context: Mapping[str, Any]) -> None:
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
     notifier = SmtpNotifier(
@@ -381,3 +415,86 @@ def _send(subject: str, body: str, *, to: list[str], smtp_conn_id: str, from_ema
     # a stray "{{" would break (or be evaluated in) the alert. With subject, body and sender all
     # given, notify() renders nothing.
     notifier.notify(dict(context))
+
+
+def render_resolved_message(*, source: str, dag_id: str, run_id: str, incident: Any,
+                            counts: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(subject, body) of the one "resolved" message that closes an incident; masked."""
+    subject = f"[crm-sync] RESOLVED {dag_id} — source {source} is healthy again (run {run_id})"
+    opened = _fmt(incident.opened_at)
+    lines = [
+        f"crm-sync: source {source} recovered.",
+        "",
+        f"  {'DAG:':<16} {dag_id}",
+        f"  {'recovered by:':<16} run {run_id}",
+        f"  {'incident:':<16} #{incident.incident_id} ({incident.kind}), open since {opened}",
+        f"  {'first failure:':<16} run {incident.opened_run_id}, task {incident.opened_task or '-'}",
+        f"  {'while open:':<16} {incident.failures} failed task(s) in {incident.runs} run(s), alerted once",
+        "",
+        "First error",
+        *(f"  {line}" for line in (incident.error or "-").splitlines()[:6]),
+        "",
+    ]
+    if counts:
+        lines += ["Figures of the recovering run (sync.run_log)", *_count_lines(counts, None), ""]
+    lines.append("Nothing to do: the run loaded and reconciled. Rows still in quarantine are listed by "
+                 f"`crm-sync quarantine list --source {source}`.")
+    return mask_text(subject), mask_text("\n".join(lines))
+
+
+def send_resolved(source: str, run_id: str, incident: Any, *, to: list[str], smtp_conn_id: str,
+                  context: Mapping[str, Any], webhook_conn_id: str | None = None,
+                  counts: Mapping[str, Any] | None = None) -> None:
+    """Send the "resolved" message; never raises."""
+    try:
+        dag_id = f"crm_sync__{source}"
+        subject, body = render_resolved_message(source=source, dag_id=dag_id, run_id=run_id, incident=incident,
+                                                counts=counts)
+        _send(subject, body, to=to, smtp_conn_id=smtp_conn_id, from_email=None, context=context,
+              webhook_conn_id=webhook_conn_id)
+    except Exception as exc:  # noqa: BLE001 - a failing notice must not fail the run
+        log.error("could not send the resolved message for source %s: %s", source,
+                  mask_text(f"{type(exc).__name__}: {exc}"))
+
+
+def deadline_missed(source: str, deadline_minutes: int | None = None, context: Mapping[str, Any] | None = None) -> None:
+    """Airflow `DeadlineAlert` callback: the source's run has not finished by its deadline (one message
+    per incident: a run already failing does not alert again)."""
+    from crm_sync import db, incidents
+    from crm_sync.config import load_source
+
+    cfg = load_source(source)
+    context = dict(context or {})
+    dag_run = context.get("dag_run")
+    run_id = str(context.get("run_id") or _get(dag_run, "run_id") or "?")
+    error = (f"run {run_id} of {cfg.dag_id} had not finished {deadline_minutes or cfg.alerts.deadline_minutes} "
+             "minutes after it was queued")
+    opened = True
+    try:
+        conn = db.task_connection(cfg.crm_conn_id, system="the CRM database")
+        try:
+            with conn.cursor() as cur:
+                _, opened = incidents.open_or_repeat(cur, source, run_id, None, "deadline", error)
+            conn.commit()
+        finally:
+            conn.close()
+    except Exception as exc:  # noqa: BLE001 - better a second message than none
+        log.error("could not record the deadline incident: %s", mask_text(f"{type(exc).__name__}: {exc}"))
+    if not opened:
+        log.info("deadline missed by %s, but source %s already has an open incident: no new alert", run_id, source)
+        return
+    subject = f"[crm-sync] LATE {cfg.dag_id} — run {run_id} missed its deadline"
+    body = "\n".join([
+        f"crm-sync: {error}.", "",
+        f"  {'DAG:':<10} {cfg.dag_id}", f"  {'source:':<10} {source}", f"  {'run id:':<10} {run_id}", "",
+        "What to do",
+        f"  1. In Airflow: DAG {cfg.dag_id} → run {run_id}: which task is still running or queued? A task stuck "
+        "in 'queued' means no worker or pool slot; one running for long is waiting on its source or on a lock.",
+        "  2. The run has loaded nothing until its load task succeeds; the next scheduled run catches up.",
+        "  3. If a task hangs, mark it failed: its retry (or the next run) reads the window again.",
+    ])
+    try:
+        _send(mask_text(subject), mask_text(body), to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
+              from_email=None, context=context, webhook_conn_id=cfg.alerts.webhook_conn_id)
+    except Exception as exc:  # noqa: BLE001
+        log.error("could not send the deadline alert for %s: %s", source, mask_text(f"{type(exc).__name__}: {exc}"))

@@ -120,6 +120,86 @@ class Tombstone(_Strict):
     values: list[str] = Field(default_factory=lambda: ["true", "1", "yes", "deleted"])
 
 
+class DriftRule(_Strict):
+    """A bound on one drift metric against its baseline: the median and MAD of the metric over the
+    stream's last `window` successful runs of the same run type (hourly or nightly).
+
+    The value breaches when it is beyond any bound the rule gives — `max_z`: robust z
+    |x - median| / (1.4826 * MAD) above it; `max_ratio`: x at least this many times the median;
+    `critical_drop` (full refreshes only): x this share or more below the median — and it differs
+    from the median by more than `min_delta` and `min_rel_delta * |median|` (a series that never
+    moved does not alert on a tiny change). A breach warns; it blocks the batch when `critical`,
+    and a `critical_drop` breach always blocks."""
+
+    enabled: bool = True
+    max_z: float | None = Field(default=None, gt=0)
+    max_ratio: float | None = Field(default=None, gt=1)
+    critical_drop: float | None = Field(default=None, gt=0, le=1)
+    min_delta: float = Field(default=0, ge=0)
+    min_rel_delta: float = Field(default=0, ge=0)
+    critical: bool = False
+
+
+# Each metric's bounds unless the source YAML's `drift:` says otherwise (a metric given there keeps
+# the defaults of the keys it does not name). Rates are shares (0.02 = 2 percentage points).
+DRIFT_DEFAULTS: dict[str, dict] = {
+    "rows": {"max_z": 4, "critical_drop": 0.8, "min_rel_delta": 0.05},
+    "null_rate": {"max_z": 4, "min_delta": 0.02},
+    "distinct": {"max_z": 4, "min_rel_delta": 0.05},
+    "amount_sum": {"max_z": 4, "min_rel_delta": 0.05},
+    "merge_rate": {"max_ratio": 3, "critical": True, "min_delta": 0.05},
+    "review_rate": {"max_ratio": 3, "min_delta": 0.02},
+    "new_rate": {"max_z": 4, "min_delta": 0.05},
+    "rejection_rate": {"max_z": 4, "min_delta": 0.01},
+    "duration_s": {"max_z": 4, "min_delta": 60, "min_rel_delta": 0.5},
+}
+
+
+class DriftConfig(_Strict):
+    """`drift:` of a source (and, refining it, of a stream): how far a run's figures may stray from
+    their baseline. Fewer than `min_history` successful runs of a run type: no verdict yet."""
+
+    window: int = Field(default=14, ge=3, le=1000)
+    min_history: int = Field(default=5, ge=2)
+    rows: DriftRule = DriftRule(**DRIFT_DEFAULTS["rows"])
+    null_rate: DriftRule = DriftRule(**DRIFT_DEFAULTS["null_rate"])
+    distinct: DriftRule = DriftRule(**DRIFT_DEFAULTS["distinct"])
+    amount_sum: DriftRule = DriftRule(**DRIFT_DEFAULTS["amount_sum"])
+    merge_rate: DriftRule = DriftRule(**DRIFT_DEFAULTS["merge_rate"])
+    review_rate: DriftRule = DriftRule(**DRIFT_DEFAULTS["review_rate"])
+    new_rate: DriftRule = DriftRule(**DRIFT_DEFAULTS["new_rate"])
+    rejection_rate: DriftRule = DriftRule(**DRIFT_DEFAULTS["rejection_rate"])
+    duration_s: DriftRule = DriftRule(**DRIFT_DEFAULTS["duration_s"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_defaults(cls, data):
+        if isinstance(data, dict):
+            data = {k: ({**DRIFT_DEFAULTS[k], **v} if k in DRIFT_DEFAULTS and isinstance(v, dict) else v)
+                    for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "DriftConfig":
+        if self.min_history > self.window:
+            raise ValueError(f"min_history ({self.min_history}) cannot exceed window ({self.window})")
+        if self.duration_s.critical or self.duration_s.critical_drop is not None:
+            raise ValueError("duration_s is known only after the load: it can warn, not block "
+                             "(no critical, no critical_drop)")
+        return self
+
+    def rule(self, metric: str) -> DriftRule:
+        return getattr(self, metric)
+
+
+def _merge_drift(base: dict, own: dict) -> dict:
+    """A stream's `drift:` over its source's: per metric, the keys the stream names win."""
+    merged = dict(base)
+    for key, value in own.items():
+        merged[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
 class StreamConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     entity: Entity
@@ -137,6 +217,7 @@ class StreamConfig(_Strict):
     # expectations (those without their own `mostly`) before the whole batch is blocked
     max_bad_share: float = Field(default=0.05, ge=0, le=1)
     tombstone: Tombstone | None = None  # incremental streams: records that delete their key
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # the source's `drift:`, refined
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":
@@ -222,6 +303,11 @@ class Sweep(_Strict):
 class Alerts(_Strict):
     to: list[str] = Field(default_factory=lambda: ["oncall@localhost"])
     smtp_conn_id: str = "smtp_alerts"
+    # a Slack-compatible webhook (JSON {"text": ...} POSTed through this Airflow HTTP connection;
+    # the path goes in the connection's `endpoint` extra). None: e-mail only.
+    webhook_conn_id: str | None = None
+    # a run not finished this many minutes after it was queued alerts (Airflow DeadlineAlert); None: none
+    deadline_minutes: int | None = Field(default=None, ge=1)
 
 
 class SourceConfig(_Strict):
@@ -249,6 +335,7 @@ class SourceConfig(_Strict):
     http: HttpOptions = Field(default_factory=HttpOptions)
     alerts: Alerts = Field(default_factory=Alerts)
     tags: list[str] = Field(default_factory=list)
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # drift bounds (quality/drift.py)
     streams: list[StreamConfig] = Field(min_length=1)
 
     @property
@@ -264,6 +351,18 @@ class SourceConfig(_Strict):
             if stream.name == name:
                 return stream
         raise KeyError(f"source {self.source!r} has no stream {name!r}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _streams_inherit_drift(cls, data):
+        """Each stream's `drift:` starts from the source's (its own keys refine it)."""
+        if not isinstance(data, dict) or not isinstance(data.get("drift"), dict) \
+                or not isinstance(data.get("streams"), list):
+            return data
+        streams = [{**s, "drift": _merge_drift(data["drift"], s.get("drift") or {})}
+                   if isinstance(s, dict) and isinstance(s.get("drift") or {}, dict) else s
+                   for s in data["streams"]]
+        return {**data, "streams": streams}
 
     @field_validator("streams")
     @classmethod

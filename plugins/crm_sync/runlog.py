@@ -49,10 +49,15 @@ def update(cur, run_id: str, source: str, **fields) -> None:
 
 
 def counts(conn, run_id: str, source: str) -> dict:
-    """Figures for an alert: the run-log row plus the most frequent quarantine reasons."""
+    """Figures for an alert, each read from what the run did.
+
+    Quarantined rows are counted at every stage so far (distinct record keys that will not load),
+    not the load's figure, which a blocked run never reaches. A run that loaded nothing shows no
+    identity figures (they describe a load that did not happen). The top reasons are grouped by
+    stream, stage and rule or field, with one (masked) example, not by raw value."""
     with conn.cursor() as cur:
         cur.execute(
-            """select state, rows_extracted, rows_mapped, rows_loaded, rows_rejected, ids_merged,
+            """select state, rows_extracted, rows_mapped, rows_loaded, ids_merged,
                       ids_review, ids_new, api_calls, reconcile_ok
                from sync.run_log where run_id = %s and source = %s""",
             (run_id, source),
@@ -61,13 +66,23 @@ def counts(conn, run_id: str, source: str) -> dict:
         names = [d[0] for d in cur.description]
         result = dict(zip(names, row)) if row else {}
         cur.execute(
-            """select stream, stage, coalesce(expectation, field, '-') as what, reason, count(*)
-               from sync.quarantine where run_id = %s and source = %s
-               group by 1, 2, 3, 4 order by count(*) desc limit 5""",
+            """select count(distinct (stream, coalesce(source_pk, quarantine_id::text))) from sync.quarantine
+               where run_id = %s and source = %s and blocks_key""", (run_id, source))
+        result["rows_rejected"] = cur.fetchone()[0]
+        if result and not result.get("rows_loaded") and result.get("state") not in ("success", "partial"):
+            for key in ("ids_merged", "ids_review", "ids_new"):
+                result.pop(key, None)
+            result["rows_loaded"] = "0 (nothing of this run reached the CRM)"
+        cur.execute(
+            """select stream, stage, coalesce(expectation, field, '-') as what,
+                      count(distinct coalesce(source_pk, quarantine_id::text)) as n, min(reason)
+               from sync.quarantine where run_id = %s and source = %s and blocks_key
+               group by 1, 2, 3 order by n desc, 1, 2, 3 limit 5""",
             (run_id, source),
         )
         result["top_quarantine_reasons"] = [
-            f"{stream}/{stage}: {what}: {reason} ({n} rows)" for stream, stage, what, reason, n in cur.fetchall()
+            f"{stream}/{stage}: {what}: {n} rows (e.g. {reason[:160]})"
+            for stream, stage, what, n, reason in cur.fetchall()
         ]
     return result
 

@@ -7,6 +7,7 @@ reconciliation mismatch does not get better by retrying, an unreachable API migh
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 
 from crm_sync.config import SourceConfig, load_source
@@ -27,11 +28,32 @@ def _fail_fast_errors() -> tuple[type[BaseException], ...]:
             DeleteBrakeError, LostRowsError)
 
 
+# libraries whose INFO lines drown a task's own log (GX alone writes ~200 per validation)
+_CHATTY = ("great_expectations", "great_expectations.core", "great_expectations.data_context",
+           "great_expectations.expectations", "great_expectations.validator", "urllib3", "httpx", "httpcore",
+           "charset_normalizer", "asyncio", "numexpr", "py.warnings")
+
+
+def quiet_libraries() -> None:
+    """Keep other libraries' INFO chatter out of task logs: on-call reads crm-sync's lines, warnings and errors.
+
+    Some GX modules set their own logger to INFO when imported, so every existing logger under
+    those names is quieted too: call this again after importing such a library."""
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    prefixes = tuple(n + "." for n in _CHATTY)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(prefixes):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @contextmanager
 def _stage(cfg: SourceConfig):
     from airflow.sdk.exceptions import AirflowFailException
 
     from crm_sync import db
+
+    quiet_libraries()
 
     conn = db.task_connection(cfg.crm_conn_id, system="the CRM database",
                               statement_timeout_s=cfg.statement_timeout_seconds)
@@ -119,11 +141,12 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
                 ex.write_account(cur, run_id, cfg, stream, window, result, source_total=extractor.source_total,
                                  source_checksum=extractor.source_checksum, partial=extractor.partial,
                                  snapshot_keys=listed)
-        except Exception:
+        except Exception as exc:
             # the staged rows go, but paid calls were made: count them in a transaction of their own
             conn.rollback()
             if extractor.calls:
                 _add_api_calls(run_id, source, cfg, extractor.calls)
+            _record_schema_drift(conn, run_id, cfg, stream.name, exc)
             raise
         finally:
             if extractor.calls:
@@ -145,10 +168,27 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
         from crm_sync.alerts import send_notice
 
         send_notice(source, run_id, notices, to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
-                    context=context)
+                    context=context, webhook_conn_id=cfg.alerts.webhook_conn_id)
     return {"rows": result.rows, "rejected": result.rejected, "received": result.received,
             "api_calls": extractor.calls, "partial": extractor.partial, "sweep": window.sweep,
             "since": window.since.isoformat() if window.since else None, "until": window.until.isoformat()}
+
+
+def _record_schema_drift(conn, run_id: str, cfg: SourceConfig, stream: str, exc: BaseException) -> None:
+    """A schema-contract failure of the extract is a drift event too (`sync.drift_event`, kind 'schema')."""
+    from crm_sync.sources.sql_source import SchemaDriftError
+
+    if not isinstance(exc, SchemaDriftError):
+        return
+    from crm_sync.quality import drift
+
+    try:
+        with conn.cursor() as cur:
+            drift.record_event(cur, run_id, cfg.source, stream, "schema", str(exc))
+        conn.commit()
+    except Exception as err:  # noqa: BLE001 - the extract's own error is what the task reports
+        conn.rollback()
+        log.error("could not record the schema drift event: %s", type(err).__name__)
 
 
 def _from_source(cfg: SourceConfig, open_batches):
@@ -224,17 +264,23 @@ def map_stream(source: str, stream_name: str, context: dict) -> dict:
 
 
 def validate_stream(source: str, stream_name: str, context: dict) -> dict:
+    from crm_sync.quality import drift
     from crm_sync.quality.validate import validate_stream as run_validate
-
     from crm_sync.quality.volume import check_volume
 
     cfg = load_source(source)
     if not selected(cfg, stream_name, context):
         return {"skipped": True}
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations  # noqa: F401 - imported first so its loggers can be quieted before it runs
+
+    quiet_libraries()
     with _stage(cfg) as conn:
         check_volume(conn, context["run_id"], cfg, cfg.stream(stream_name))
         outcome = run_validate(conn, context["run_id"], cfg, cfg.stream(stream_name))
-    return {"rows": outcome.rows, "quarantined": outcome.quarantined, "warnings": outcome.failed_warning}
+        drift_warnings = drift.check_stream(conn, context["run_id"], cfg, cfg.stream(stream_name))
+    return {"rows": outcome.rows, "quarantined": outcome.quarantined, "warnings": outcome.failed_warning,
+            "drift_warnings": [w.as_dict() for w in drift_warnings]}
 
 
 def load(source: str, context: dict) -> dict:
@@ -247,12 +293,14 @@ def load(source: str, context: dict) -> dict:
         check_staging(conn, context["run_id"], cfg)
         result = loader.load(conn, context["run_id"], cfg,
                              allow_deletes=bool((context.get("params") or {}).get("allow_deletes")))
-    return {"customers": result.customers, "deleted": result.deleted, **result.facts, "held": result.held, "released": result.released,
-            "rejected": result.rejected}
+    return {"customers": result.customers, "deleted": result.deleted, **result.facts, "held": result.held,
+            "released": result.released, "rejected": result.rejected}
 
 
 def reconcile(source: str, context: dict) -> dict:
+    from crm_sync import incidents
     from crm_sync.load import purge_staging
+    from crm_sync.quality import drift
     from crm_sync.reconcile import reconcile as run_reconcile
     from crm_sync.sources.base import extractor_class
 
@@ -265,24 +313,50 @@ def reconcile(source: str, context: dict) -> dict:
                                finished_at = now() where run_id = %s and source = %s
                            returning state, late_rows, rows_deleted""", (run_id, source))
             state, late, deleted = cur.fetchone() or ("success", 0, 0)
+            resolved = incidents.resolve(cur, source, run_id)
+        drift_warnings = drift.check_run(conn, run_id, cfg)
+        with conn.cursor() as cur:
+            # every drift warning of the run (any stream, and the run's own figures) goes out in one notice
+            cur.execute("""update sync.drift_event set alerted = true
+                           where run_id = %s and source = %s and severity = 'warning' and not alerted
+                           returning stream, message""", (run_id, source))
+            drifted = sorted(cur.fetchall())
         conn.commit()
         extractor_class(cfg.kind).finish(conn, cfg, run_id)
         purge_staging(conn, source)
-    if late:
-        from crm_sync.alerts import send_notice
+    _note(cfg, run_id, context)
+    if resolved is not None:
+        from crm_sync.alerts import send_resolved
 
-        send_notice(source, run_id, [
+        try:
+            figures = _counts(cfg, run_id, source)
+        except Exception:  # the message goes out without figures rather than not at all
+            figures = None
+        send_resolved(source, run_id, resolved, to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
+                      webhook_conn_id=cfg.alerts.webhook_conn_id, context=context, counts=figures)
+    notices = [f"{message} (loaded: a warning does not block; the figures: select * from sync.drift_event where "
+               f"run_id = '{run_id}' and source = '{source}')" for _, message in drifted]
+    if late:
+        notices.append(
             f"the late-row sweep of source '{source}' loaded {late} rows that the regular runs missed: they were "
             f"committed in the source after their window had been read (beyond the {cfg.lookback_minutes}-minute "
             "lookback). They are loaded now; if this repeats, raise lookback_minutes in "
-            f"include/sources/{source}.yaml."], to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
-            context=context)
+            f"include/sources/{source}.yaml.")
+    if notices:
+        from crm_sync.alerts import send_notice
+
+        send_notice(source, run_id, notices, to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
+                    context=context, webhook_conn_id=cfg.alerts.webhook_conn_id)
     return {"state": state, "late_rows": late, "deleted": deleted,
-            "checks": {f"{c.stream}.{c.name}": c.ok for c in checks}}
+            "checks": {f"{c.stream}.{c.name}": c.ok for c in checks},
+            "drift_warnings": [w.as_dict() for w in drift_warnings]}
 
 
 class FailureCallback:
-    """`on_failure_callback`: records the failure in the run log, then alerts on-call by e-mail."""
+    """`on_failure_callback`: records the failure in the run log and the source's incident, then
+    alerts on-call — once per incident: the first failed task of a healthy source alerts; further
+    failed tasks of the same run, and failing runs after it, are counted in `sync.incident` until
+    a run succeeds and sends the one "resolved" message."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -294,20 +368,30 @@ class FailureCallback:
         run_id = context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
         exc = context.get("exception")
         ti = context.get("ti") or context.get("task_instance")
+        opened = True
         try:
-            self._record(cfg, run_id, ti, exc, mask_text)
+            opened = self._record(cfg, run_id, ti, exc, mask_text)
         except Exception as err:  # alerting must still happen when the database is the problem
-            log.error("could not record the failure in sync.run_log: %s", mask_text(str(err)))
+            log.error("could not record the failure in sync.run_log / sync.incident: %s", mask_text(str(err)))
+        _note(cfg, run_id, context, error=exc)
+        if not opened:
+            log.info("source %s already has an open incident: this failure is counted there, no new alert",
+                     self.source)
+            return
         from crm_sync.alerts import make_failure_callback
 
         make_failure_callback(self.source, to=cfg.alerts.to, smtp_conn_id=cfg.alerts.smtp_conn_id,
+                              webhook_conn_id=cfg.alerts.webhook_conn_id,
                               counts_provider=lambda rid, src: _counts(cfg, rid, src))(context)
 
-    def _record(self, cfg: SourceConfig, run_id, ti, exc, mask_text) -> None:
-        from crm_sync import db, runlog
+    def _record(self, cfg: SourceConfig, run_id, ti, exc, mask_text) -> bool:
+        """Record the failure; whether it opened the source's incident (and so must alert)."""
+        from crm_sync import db, incidents, runlog
+        from crm_sync.alerts import BLOCKING, _error_names
 
-        blocked = "DataQualityError" in f"{type(exc).__name__}: {exc}"
-        conn = db.task_connection(cfg.crm_conn_id)
+        blocked = bool(BLOCKING & set(_error_names(exc)))
+        error = mask_text(f"{type(exc).__name__}: {exc}")[:2000]
+        conn = db.task_connection(cfg.crm_conn_id, system="the CRM database")
         try:
             with conn.cursor() as cur:
                 cur.execute(
@@ -316,13 +400,35 @@ class FailureCallback:
                     (run_id, self.source, cfg.dag_id),
                 )
                 runlog.update(cur, run_id, self.source, state="blocked" if blocked else "failed",
-                              failed_task=getattr(ti, "task_id", None),
-                              error=mask_text(f"{type(exc).__name__}: {exc}")[:2000])
+                              failed_task=getattr(ti, "task_id", None), error=error)
                 cur.execute("update sync.run_log set finished_at = now() where run_id = %s and source = %s",
                             (run_id, self.source))
+                _, opened = incidents.open_or_repeat(cur, self.source, run_id, getattr(ti, "task_id", None),
+                                                     "blocked" if blocked else "failed", error)
             conn.commit()
         finally:
             conn.close()
+        return opened
+
+
+def _note(cfg: SourceConfig, run_id: str, context: dict, *, error=None) -> None:
+    """The DAG run note in the Airflow UI (only where an `airflow_api` connection exists); never raises."""
+    from crm_sync import run_note
+    from crm_sync.alerts import BLOCKING, _error_names
+
+    try:
+        figures = _counts(cfg, run_id, cfg.source)
+        state = figures.get("state") or "failed"
+        decision = None
+        if error is not None:
+            blocked = bool(BLOCKING & set(_error_names(error)))
+            state = "blocked" if blocked else "failed"
+            task = getattr(context.get("ti") or context.get("task_instance"), "task_id", "?")
+            decision = f"{'Gate' if blocked else 'Error'} at `{task}`: {str(error).splitlines()[0][:400]}"
+        dag_id = getattr(context.get("dag_run"), "dag_id", None) or cfg.dag_id
+        run_note.set_note(dag_id, run_id, run_note.render(state, figures, decision))
+    except Exception as exc:  # noqa: BLE001 - a note is a courtesy
+        log.warning("run note not set: %s", type(exc).__name__)
 
 
 def _counts(cfg: SourceConfig, run_id: str, source: str) -> dict:
