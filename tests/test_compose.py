@@ -1,7 +1,9 @@
-"""The Docker Compose stack, checked by reading it (Docker is not needed to run these tests)."""
+"""The Docker Compose stack, checked by reading it (Docker is not needed to run these tests); the
+seed job's script also runs against a real PostgreSQL (an integration test)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
@@ -126,7 +128,7 @@ def test_airflow_services_share_image_executor_and_mounts(services, name):
 def test_connections_come_from_variables_with_defaults_and_no_literal_token(services):
     env = services["airflow-worker"]["environment"]
     assert "@crm-db:5432/" in env["AIRFLOW_CONN_CRM_DB"]
-    assert re.search(r"\$\{CRM_DB_PASSWORD:-[^}]*\}", env["AIRFLOW_CONN_CRM_DB"])
+    assert re.search(r"\$\{CRM_LOADER_PASSWORD:\?[^}]*\}", env["AIRFLOW_CONN_CRM_DB"])
     assert "${TICKETING_API_TOKEN" in env["AIRFLOW_CONN_TICKETING_API"]
     assert '"conn_type": "http"' in env["AIRFLOW_CONN_TICKETING_API"]
     smtp = env["AIRFLOW_CONN_SMTP_ALERTS"]
@@ -237,18 +239,24 @@ def test_no_literal_secrets(services, sources):
         url_passwords = re.findall(r"^\w+://(?:\$\{[^}]*\}|[^:/@$]*):(\$\{[^}]*\}|[^@]*)@", value)
         for password in json_passwords + url_passwords:
             assert re.fullmatch(whole_ref, password), key
-    # the APIs' secrets and the finance reader's password have no default: the stack refuses to start without them
-    # (crm_db and erp_src keep the documented local-development default of crm-db's own user)
+    # the APIs' secrets and the pipeline's database passwords have no default: the stack refuses to start without them
+    # (only crm-db's own superuser keeps a documented local-development default, and the pipeline never uses it)
     for cfg in sources:
         value = env[f"AIRFLOW_CONN_{cfg['conn_id'].upper()}"]
         if cfg["kind"] == "http":
             assert re.fullmatch(required_ref, re.search(r'"password": "([^"]*)"', value).group(1)), cfg["conn_id"]
-    finance = re.match(r"postgresql://\$\{[^}]*\}:(\$\{[^}]*\})@", env["AIRFLOW_CONN_FINANCE_SRC"]).group(1)
-    assert re.fullmatch(required_ref, finance)
+    for conn_id in ("CRM_DB", "ERP_SRC", "FINANCE_SRC"):
+        password = re.match(r"postgresql://\$\{[^}]*\}:(\$\{[^}]*\})@", env[f"AIRFLOW_CONN_{conn_id}"]).group(1)
+        assert re.fullmatch(required_ref, password), conn_id
     for name in [*API_SIMULATORS, "crm-sync-seed"]:
         for key, value in services[name]["environment"].items():
             if re.search(r"TOKEN|API_KEY|PASSWORD", key):
                 assert re.fullmatch(required_ref, value), (name, key)
+    # crm-db's superuser reaches only the seed job, inside its DSN
+    for name, service in services.items():
+        for key, value in (service.get("environment") or {}).items():
+            if "CRM_DB_PASSWORD" in str(value):
+                assert (name, key) in {("crm-db", "POSTGRES_PASSWORD"), ("crm-sync-seed", "CRM_SYNC_DSN")}, (name, key)
 
 
 def test_finance_database_is_seeded_and_read_through_its_own_role(resolved):
@@ -261,7 +269,31 @@ def test_finance_database_is_seeded_and_read_through_its_own_role(resolved):
     assert conn["login"] != urlparse(seed_env["CRM_SYNC_DSN"]).username   # not crm-db's superuser
     script = seed["command"][-1]
     assert "ensure_database" in script and "finance.seed(" in script and "cw.kh_zl" in script
-    assert "grant select on cw.kh_zl, cw.fp, cw.ht, cw.sk" in script
+    # the reader reads the four source tables, never the simulator's answer key cw.truth*
+    assert "finance.ensure_reader(" in script
+    from crm_sync.simulators import finance
+
+    assert finance.READABLE_TABLES == ("kh_zl", "fp", "ht", "sk")
+
+
+def test_the_pipeline_connects_through_least_privileged_logins_the_seed_creates(resolved):
+    """crm-db's superuser creates roles and runs migrations as crm_owner; the pipeline never uses it."""
+    env = resolved["airflow-worker"]["environment"]
+    seed = resolved["crm-sync-seed"]
+    seed_env, script = seed["environment"], seed["command"][-1]
+    superuser = resolved["crm-db"]["environment"]["POSTGRES_USER"]
+    assert urlparse(seed_env["CRM_SYNC_DSN"]).username == superuser      # the seed job is the administrator
+    crm, erp = _connection(env, "crm_db"), _connection(env, "erp_src")
+    assert (crm["login"], crm["password"]) == (seed_env["CRM_LOADER_USER"], seed_env["CRM_LOADER_PASSWORD"])
+    assert (erp["login"], erp["password"]) == (seed_env["ERP_DB_USER"], seed_env["ERP_DB_PASSWORD"])
+    for name in ALL_AIRFLOW:
+        for key, value in resolved[name]["environment"].items():
+            if key.startswith("AIRFLOW_CONN_") and value.startswith("postgresql://"):
+                assert urlparse(value).username != superuser, (name, key)
+    assert "db.migrate_as_owner(admin)" in script and "db.migrate(" not in script
+    assert re.search(r"db\.ensure_login\(conn, os\.environ\[\"CRM_LOADER_USER\"\].*member_of=\[db\.LOADER_ROLE\]", script,
+                     re.S)
+    assert 'erp.ensure_reader(conn, login=os.environ["ERP_DB_USER"]' in script
 
 
 def test_landing_folder_is_a_volume_seeded_once_and_mounted_where_the_connection_says(compose, resolved):
@@ -280,3 +312,50 @@ def test_landing_folder_is_a_volume_seeded_once_and_mounted_where_the_connection
     # a new named volume is root's; the seed and the workers run as AIRFLOW_UID
     assert re.search(rf"chown -R .*{re.escape(init_path)}", script)
     assert "openpyxl" in script   # the workbooks are written by the seed and read by the workers
+
+
+@pytest.mark.integration
+def test_the_seed_job_sets_up_roles_a_second_time_too(resolved, pg_admin_dsn, tmp_path):
+    """The seed script itself, against a real PostgreSQL (twice: every `docker compose up` runs it)."""
+    import subprocess
+    import sys
+    import uuid
+
+    import psycopg2
+
+    from crm_sync import db
+
+    crm_db, finance_db = f"crm_test_{uuid.uuid4().hex[:10]}", f"crm_test_fin_{uuid.uuid4().hex[:8]}"
+    db.ensure_database(pg_admin_dsn, crm_db)
+    admin = db.with_database(pg_admin_dsn, crm_db)
+    env = {**os.environ, **resolved["crm-sync-seed"]["environment"],
+           "PYTHONPATH": str(ROOT / "plugins"), "CRM_SYNC_HOME": str(ROOT), "CRM_SYNC_DSN": admin,
+           "CRM_LOADER_USER": f"{crm_db}_loader", "ERP_DB_USER": f"{crm_db}_erp_reader",
+           "FINANCE_DB_NAME": finance_db, "FINANCE_DB_USER": f"{finance_db}_reader",
+           "SPREADSHEET_LANDING": str(tmp_path)}
+    try:
+        for attempt in (1, 2):
+            run = subprocess.run([sys.executable, "-c", resolved["crm-sync-seed"]["command"][-1]], env=env,
+                                 capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert env["CRM_LOADER_PASSWORD"] not in run.stdout + run.stderr
+        assert "already seeded" in run.stdout and "none pending" in run.stdout
+        for user, password, dsn, query in (
+                (env["CRM_LOADER_USER"], env["CRM_LOADER_PASSWORD"], admin, "select count(*) from sync.run_log"),
+                (env["ERP_DB_USER"], env["ERP_DB_PASSWORD"], admin, "select count(*) from src_erp.customers"),
+                (env["FINANCE_DB_USER"], env["FINANCE_DB_PASSWORD"], db.with_database(pg_admin_dsn, finance_db),
+                 "select count(*) from cw.kh_zl")):
+            conn = psycopg2.connect(dsn, user=user, password=password)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("select rolsuper from pg_roles where rolname = current_user")
+                    assert cur.fetchone()[0] is False, user
+                    cur.execute(query)
+            finally:
+                conn.close()
+    finally:
+        from dagstack import drop_orphan_logins
+
+        db.drop_database(pg_admin_dsn, crm_db)
+        db.drop_database(pg_admin_dsn, finance_db)
+        drop_orphan_logins(pg_admin_dsn)

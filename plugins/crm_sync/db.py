@@ -278,3 +278,169 @@ def migrate(conn) -> list[str]:
             cur.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
         conn.commit()
     return applied_now
+
+
+# --- least privilege: group roles, login roles, migrations as the owner ------------------------
+# Migration 0007 declares the group roles; these helpers are for whoever sets up an environment
+# (the demo, the tests, the compose seed job) with an administrator's connection.
+
+from typing import NamedTuple, Sequence  # noqa: E402  (kept with the helpers that use them)
+
+OWNER_ROLE = "crm_owner"          # owns the CRM database, its schemas and objects; migrations run as it
+LOADER_ROLE = "crm_loader"        # the pipeline: DML on crm, stg and sync, no DDL
+REPORTER_ROLE = "crm_reporter"    # reads crm and sync
+GROUP_ROLES = (OWNER_ROLE, LOADER_ROLE, REPORTER_ROLE)
+
+
+class Login(NamedTuple):
+    """A login role and its password (never printed: `repr` hides it)."""
+
+    user: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Login(user={self.user!r}, password='***')"
+
+
+def _tolerate_concurrent(cur, statement, params=None) -> None:
+    """Run a cluster-wide DDL statement that another database's setup may run at the same moment."""
+    import psycopg2
+
+    cur.execute("savepoint concurrent_role")
+    try:
+        cur.execute(statement, params)
+    except (psycopg2.errors.DuplicateObject, psycopg2.errors.UniqueViolation):
+        cur.execute("rollback to savepoint concurrent_role")  # done meanwhile by another session
+    else:
+        cur.execute("release savepoint concurrent_role")
+
+
+def ensure_group_roles(conn) -> None:
+    """Create the NOLOGIN group roles (as migration 0007 would) when missing; commits.
+
+    Needed before `migrate_as_owner` on a fresh server: a migration running as crm_owner cannot
+    create roles. `conn` is an administrator's (superuser or CREATEROLE with ADMIN on the roles).
+    """
+    from psycopg2 import sql
+
+    with conn.cursor() as cur:
+        for role in GROUP_ROLES:
+            cur.execute("select 1 from pg_roles where rolname = %s", (role,))
+            if cur.fetchone() is None:
+                _tolerate_concurrent(cur, sql.SQL("create role {} nologin").format(sql.Identifier(role)))
+        cur.execute("select pg_has_role(%s, %s, 'member')", (OWNER_ROLE, LOADER_ROLE))
+        if not cur.fetchone()[0]:  # the owner hands the staging tables to the loader
+            _tolerate_concurrent(cur, sql.SQL("grant {} to {}").format(sql.Identifier(LOADER_ROLE),
+                                                                       sql.Identifier(OWNER_ROLE)))
+    conn.commit()
+
+
+def ensure_login(conn, user: str, *, password: str | None = None, member_of: Sequence[str] = (),
+                 read_only: bool = False) -> Login:
+    """Create or update the login role `user` through an administrator's `conn`; commits.
+
+    The role can do nothing by itself (no superuser, CREATEDB, CREATEROLE, replication or RLS
+    bypass); it gets its rights from the group roles in `member_of`. `password` (else a generated
+    one) is sent to the server already hashed the way the server stores passwords, so it never
+    appears in a statement log. `read_only` makes every session of the role read-only. A role that
+    is a superuser is refused rather than demoted: the name is wrong, not the role.
+    """
+    import secrets
+
+    from psycopg2 import sql
+    from psycopg2.extensions import encrypt_password
+
+    password = password or secrets.token_urlsafe(24)
+    ident = sql.Identifier(user)
+    with conn.cursor() as cur:
+        cur.execute("select rolsuper from pg_roles where rolname = %s", (user,))
+        row = cur.fetchone()
+        if row and row[0]:
+            raise DatabaseError(f"login role {user!r} is a superuser; the pipeline must not connect as one. "
+                                "Choose another name for the pipeline's login.")
+        if row is None:
+            _tolerate_concurrent(cur, sql.SQL("create role {} login").format(ident))
+        cur.execute(sql.SQL("alter role {} login nosuperuser nocreatedb nocreaterole noreplication nobypassrls "
+                            "inherit password %s").format(ident), (encrypt_password(password, user, cur),))
+        if read_only:
+            cur.execute(sql.SQL("alter role {} set default_transaction_read_only = on").format(ident))
+        for group in member_of:
+            cur.execute("select pg_has_role(%s, %s, 'member')", (user, group))
+            if not cur.fetchone()[0]:
+                _tolerate_concurrent(cur, sql.SQL("grant {} to {}").format(sql.Identifier(group), ident))
+    conn.commit()
+    return Login(user, password)
+
+
+def _owns_everything(cur) -> bool:
+    """Do crm_owner (crm_loader for staging tables) own the CRM schemas and every object in them?"""
+    cur.execute(
+        """select not exists (
+               select from pg_namespace n where n.nspname in ('crm', 'stg', 'sync') and n.nspowner <> %(o)s::regrole
+               union all
+               select from pg_class c join pg_namespace n on n.oid = c.relnamespace
+               where n.nspname in ('crm', 'stg', 'sync') and c.relkind in ('r', 'p', 'v', 'm', 'f')
+                 and c.relowner not in (%(o)s::regrole, %(l)s::regrole))""",
+        {"o": OWNER_ROLE, "l": LOADER_ROLE})
+    return cur.fetchone()[0]
+
+
+def migrate_as_owner(admin_dsn: str) -> list[str]:
+    """Apply pending migrations to the database of `admin_dsn` as crm_owner; return their names.
+
+    `admin_dsn` is an administrator's (the embedded server's superuser, crm-db's POSTGRES_USER):
+    it creates the group roles, makes crm_owner the owner of the database and runs the migrations
+    after `SET ROLE crm_owner`, so every object belongs to the owner role and default privileges
+    grant the loader and the reporter their rights. A database whose objects a superuser created
+    (migrated before 0007, or by `migrate` without this) is migrated by the administrator and then
+    handed over by `sync.apply_privileges()`.
+    """
+    from psycopg2 import sql
+
+    conn = connect(admin_dsn, application_name="crm-sync migrate")
+    try:
+        ensure_group_roles(conn)
+        with conn.cursor() as cur:
+            cur.execute("select pg_get_userbyid(datdba), current_database() from pg_database "
+                        "where datname = current_database()")
+            owner, database = cur.fetchone()
+            if owner != OWNER_ROLE:
+                cur.execute(sql.SQL("alter database {} owner to {}").format(sql.Identifier(database),
+                                                                            sql.Identifier(OWNER_ROLE)))
+            handover = not _owns_everything(cur)
+        conn.commit()
+        if handover:
+            applied = migrate(conn)
+            with conn.cursor() as cur:
+                cur.execute("select sync.apply_privileges()")
+            conn.commit()
+            return applied
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("set role {}").format(sql.Identifier(OWNER_ROLE)))
+        conn.commit()
+        return migrate(conn)
+    finally:
+        conn.close()
+
+
+def grant_table_reader(conn, schema: str, tables: Sequence[str], *, login: str | None = None,
+                       password: str | None = None) -> Login:
+    """A read-only login for a source database: CONNECT, USAGE on `schema`, SELECT on `tables`; commits.
+
+    Default name `<database>_reader`, unique per database because roles are cluster-wide. Every
+    session of the role is read-only (`default_transaction_read_only`), and it has no write grant.
+    """
+    from psycopg2 import sql
+
+    with conn.cursor() as cur:
+        cur.execute("select current_database()")
+        database = cur.fetchone()[0]
+    reader = ensure_login(conn, login or f"{database}_reader", password=password, read_only=True)
+    ident = sql.Identifier(reader.user)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("grant connect on database {} to {}").format(sql.Identifier(database), ident))
+        cur.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(schema), ident))
+        cur.execute(sql.SQL("grant select on {} to {}").format(
+            sql.SQL(", ").join(sql.Identifier(schema, t) for t in tables), ident))
+    conn.commit()
+    return reader

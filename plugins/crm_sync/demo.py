@@ -10,6 +10,11 @@
 - every source DAG runs once through `airflow dags test` (a real Airflow run with the metadata DB
   on SQLite under `.local/airflow`), with connections passed as `AIRFLOW_CONN_*` variables of the
   child process only, so no secret is written to disk or printed;
+- nothing the pipeline runs is a superuser: the server's administrator only creates databases and
+  roles, seeds the sample sources and runs the migrations as `crm_owner`; the DAGs connect to the
+  CRM as `crm_sync_loader` (a member of `crm_loader`) and to the ERP and finance databases as their
+  read-only readers. Passwords come from `CRM_SYNC_LOADER_PASSWORD`, `CRM_SYNC_ERP_READER_PASSWORD`
+  and `CRM_SYNC_FINANCE_READER_PASSWORD`, else are generated per invocation;
 - a scenario replays a failure so the gates can be seen working; the demo then exits 0 when the
   gate held (the DAG failed as it should, nothing was loaded, an alert was sent).
 """
@@ -37,6 +42,10 @@ ERP_DATABASE = "crm_src_erp"
 FINANCE_DATABASE = "crm_src_finance"
 PEOPLE = 2000
 SEED = 42
+# the demo pipeline's logins (roles are cluster-wide, so each is named after what it reads)
+LOADER_LOGIN = "crm_sync_loader"
+ERP_READER = f"{ERP_DATABASE}_reader"
+FINANCE_READER = f"{FINANCE_DATABASE}_reader"
 
 # which source's gate each scenario exercises
 SCENARIO_SOURCE = {"bad-batch": "erp", "volume-drop": "erp", "schema-drift": "erp", "api-outage": "ticketing"}
@@ -250,6 +259,38 @@ def _conn_json(**doc) -> str:
     return json.dumps({k: v for k, v in doc.items() if v is not None})
 
 
+def _pg_conn_json(dsn: str, login: db.Login | None) -> str:
+    """The Airflow connection of `dsn`'s database, as `login` when given."""
+    doc = json.loads(db.airflow_conn_json(dsn))
+    if login is not None:
+        doc.update(login=login.user, password=login.password)
+    return json.dumps(doc)
+
+
+def _manages_roles(dsn: str) -> bool:
+    """Can the user of `dsn` create roles (the embedded server's superuser can; a given CRM_SYNC_DSN may not)?"""
+    with db.connection(dsn) as conn, conn.cursor() as cur:
+        cur.execute("select rolsuper or rolcreaterole from pg_roles where rolname = current_user")
+        return bool(cur.fetchone()[0])
+
+
+def _reader(dsn: str, simulator, login: str, env_var: str) -> db.Login:
+    with db.connection(dsn) as conn:
+        return simulator.ensure_reader(conn, login=login, password=os.environ.get(env_var))
+
+
+def _pipeline_logins(dsn: str, erp_dsn: str, finance_dsn: str) -> dict[str, db.Login]:
+    """The least-privileged logins the DAGs connect as, created (or updated) by the administrator of `dsn`."""
+    from crm_sync.simulators import erp, finance
+
+    with db.connection(dsn) as conn:
+        loader = db.ensure_login(conn, LOADER_LOGIN, password=os.environ.get("CRM_SYNC_LOADER_PASSWORD"),
+                                 member_of=(db.LOADER_ROLE,))
+    return {"crm_db": loader,
+            "erp_src": _reader(erp_dsn, erp, ERP_READER, "CRM_SYNC_ERP_READER_PASSWORD"),
+            "finance_src": _reader(finance_dsn, finance, FINANCE_READER, "CRM_SYNC_FINANCE_READER_PASSWORD")}
+
+
 def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     if scenario is not None and scenario not in SCENARIOS:
         raise SystemExit(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
@@ -262,9 +303,12 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     state = DemoState.load()
     now = datetime.now(timezone.utc)
     dsn = db.resolve_dsn()
-    conn = db.connect(dsn)
-    db.migrate(conn)
-    conn.close()
+    least_privilege = _manages_roles(dsn)
+    if least_privilege:
+        db.migrate_as_owner(dsn)
+    else:
+        with db.connection(dsn) as conn:
+            db.migrate(conn)
     admin_dsn = db.with_database(dsn, "postgres")
     configs = {name: load_source(name) for name in DEMO_SOURCES}
     ends = {name: interval_end(cfg, now) for name, cfg in configs.items()}
@@ -275,6 +319,12 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     erp_dsn = sources.prepare_erp(admin_dsn, ends["erp"])
     finance_dsn = sources.prepare_finance(admin_dsn, ends["finance"])
     landing = sources.prepare_spreadsheet(ends["spreadsheet"])
+    logins = _pipeline_logins(dsn, erp_dsn, finance_dsn) if least_privilege else {}
+    if logins:
+        print(f"  pipeline runs as {logins['crm_db'].user} ({db.LOADER_ROLE}); sources read as "
+              f"{logins['erp_src'].user}, {logins['finance_src'].user} (read-only)", file=out)
+    else:
+        print("  CRM_SYNC_DSN's user cannot create roles: the pipeline runs as that user", file=out)
     stores = {name: sources.prepare_api(name, ends[name]) for name in ("ticketing", "im", "callcenter")}
     # per invocation; only the child processes see them
     token, im_key, cc_login, cc_password = (secrets.token_urlsafe(24) for _ in range(4))
@@ -288,9 +338,9 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
         cc_api = stack.enter_context(CallCenterServer(stores["callcenter"], login=cc_login, password=cc_password))
         smtp = stack.enter_context(OutboxServer(outbox_dir()))
         connections = {
-            "crm_db": db.airflow_conn_json(dsn),
-            "erp_src": db.airflow_conn_json(erp_dsn),
-            "finance_src": db.airflow_conn_json(finance_dsn),
+            "crm_db": _pg_conn_json(dsn, logins.get("crm_db")),
+            "erp_src": _pg_conn_json(erp_dsn, logins.get("erp_src")),
+            "finance_src": _pg_conn_json(finance_dsn, logins.get("finance_src")),
             "spreadsheet_landing": _conn_json(conn_type="fs", extra={"path": str(landing)}),
             "ticketing_api": _conn_json(conn_type="http", host="127.0.0.1", port=api.port, schema="http",
                                         password=token),

@@ -144,3 +144,52 @@ def mask_email(value) -> str:
         return mask_text(text)
     except Exception:  # noqa: BLE001
         return "***"
+
+
+# What a field holds, by its name: the value of a phone or e-mail field is masked whatever its shape.
+_PHONE_FIELD = re.compile(r"phone|mobile|(?:^|_)(?:tel|fax|cell)(?:_|$)|手机|电话", re.IGNORECASE)
+_EMAIL_FIELD = re.compile(r"e_?mail|邮箱", re.IGNORECASE)
+_NAME_FIELDS = {"name", "full_name", "name_key", "contact", "contact_name", "nickname", "remark_name"}
+_DESCRIBES = re.compile(r"_(?:kind|type|valid|verified|status|count)$")  # phone_kind: about a phone, not one
+
+
+def field_kind(field) -> str | None:
+    """'phone', 'email' or 'name' when the field's name says it holds one, else None."""
+    name = str(field or "").strip().lower()
+    if _DESCRIBES.search(name):
+        return None
+    if _EMAIL_FIELD.search(name):
+        return "email"
+    if _PHONE_FIELD.search(name):
+        return "phone"
+    if name in _NAME_FIELDS:
+        return "name"
+    return None
+
+
+def mask_field(field, value) -> str:
+    """One value of the field `field`, as it may be shown; never raises.
+
+    A phone field's value is `***` + its last 4 digits, or `***` when it has no more than 4; an
+    e-mail field's is first character + `***@` + domain when it has the shape local@domain, else
+    first character + `***` (`zhang.wei@` -> `z***`); a name field's is first character + `***`.
+    Any other field's value goes through `mask_text` (a phone or address inside free text)."""
+    try:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return str(value).lower()
+        text = str(value).strip()
+        kind = field_kind(field)
+        if not text or kind is None:
+            return mask_text(text)
+        if kind == "phone":
+            masked = mask_phone(text)
+            return masked if masked.startswith("***") and masked != text else "***"
+        if kind == "email":
+            local, at, domain = text.rpartition("@")
+            if at and local and domain and not any(ch.isspace() for ch in text):
+                return mask_email(text)
+        return text[:1] + "***"
+    except Exception:  # noqa: BLE001
+        return "***"

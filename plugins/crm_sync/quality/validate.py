@@ -334,6 +334,7 @@ def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) 
                           ["run_id", "source", "stream", "expectation", "column_name", "severity", "success",
                            "element_count", "unexpected_count", "detail"], _dedupe(dq_rows))
         quarantine.add(cur, run_id, cfg.source, rejects)
+    _report(conn, run_id, cfg, stream, suite_doc, result)
     if outcome.breaches:
         conn.commit()  # keep the evidence before failing the task
         raise DataQualityError(
@@ -344,6 +345,14 @@ def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) 
             f"'{stream.name}' and stage = 'validate'; nothing was loaded and the watermark did not move."
         )
     return outcome
+
+
+def _report(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, suite_doc: dict, result) -> None:
+    """GX Data Docs of this validation (masked) and the run's quality report: `quality/report.py`.
+    Before the blocked batch's commit, so the alert can link them; a report never fails the gate."""
+    from crm_sync.quality import report
+
+    report.after_validation(conn, run_id, cfg, stream, suite_doc, result)
 
 
 def _dedupe(rows):

@@ -11,6 +11,8 @@ Guarantees:
   with `updated_at` in the hour before `now`, so an incremental run has something to pick up.
 - `inject_bad_batch`, `drop_volume` and `add_column_drift` break the source on purpose for the
   'bad-batch', 'volume-drop' and 'schema-drift' demo scenarios.
+- `ensure_reader` makes the login an integration gets from the ERP team: it reads `customers`
+  and `orders` (not `truth`), and every session of it is read-only.
 - Every function commits its own transaction; rows are written in bulk, not one by one.
 """
 from __future__ import annotations
@@ -54,6 +56,9 @@ create index on src_erp.orders (updated_at, order_no);
 _CURRENCIES = (("CNY", 90), ("USD", 5), ("HKD", 3), ("EUR", 2))
 _STATUSES = (("completed", 45), ("shipped", 20), ("paid", 15), ("open", 10), ("cancelled", 6), ("refunded", 4))
 _NEXT_STATUS = {"open": "paid", "paid": "shipped", "shipped": "completed", "completed": "refunded"}
+
+# what an integration may read: the hidden truth is the tests' answer key, not ERP data
+READABLE_TABLES = ("customers", "orders")
 
 _CUSTOMER_COLUMNS = ("customer_no", "name", "mobile", "phone", "email", "company", "city", "created_at", "updated_at")
 _ORDER_COLUMNS = ("order_no", "customer_no", "order_date", "amount", "currency", "status", "updated_at")
@@ -323,3 +328,15 @@ def add_column_drift(conn, *, rename: bool = True) -> list[str]:
             changes.append("renamed src_erp.customers.mobile to mobile_phone")
     conn.commit()
     return changes
+
+
+def ensure_reader(conn, *, login: str | None = None, password: str | None = None):
+    """The ERP's read-only login (default `<database>_reader`) through an administrator's `conn`.
+
+    SELECT on `src_erp.customers` and `src_erp.orders` only, every session read-only
+    (`default_transaction_read_only`); `password` else a generated one. Call it again after `seed`,
+    which recreates the tables (and so drops their grants). Commits; returns a `crm_sync.db.Login`.
+    """
+    from crm_sync import db
+
+    return db.grant_table_reader(conn, SCHEMA, READABLE_TABLES, login=login, password=password)

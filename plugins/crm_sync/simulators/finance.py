@@ -23,6 +23,8 @@ Guarantees:
   `cw.truth_backlog` keep the hidden part in the database too; the pipeline never reads them.
 - Every `gxsj` lies in the 30 days before `now`, never at or after it; `apply_changes` is one more
   business day with every change stamped in the hour before `now`.
+- `ensure_reader` makes the login an integration gets from the finance team: it reads the four
+  source tables (not `truth`, `truth_backlog`), and every session of it is read-only.
 - Every function commits its own transaction; rows are written in bulk, not one by one.
 """
 from __future__ import annotations
@@ -37,6 +39,8 @@ from typing import Sequence
 from crm_sync.simulators.people import CITIES, Person, generate_people, render_email, render_name, render_phone
 
 SCHEMA = "cw"
+# what an integration may read: cw.truth* is the tests' answer key, not finance data
+READABLE_TABLES = ("kh_zl", "fp", "ht", "sk")
 
 _CUSTOMER_COLUMNS = ("nsrsbh", "khmc", "lxr", "lxdh", "yx", "cs", "cjsj", "gxsj")
 _INVOICE_COLUMNS = ("fphm", "gmf_nsrsbh", "kprq", "je", "se", "jshj", "bz", "zt", "gxsj")
@@ -479,3 +483,15 @@ def apply_changes(conn, *, seed: int, now: datetime, n_updates: int = 20, n_new:
         ledger.write(cur)
     conn.commit()
     return result
+
+
+def ensure_reader(conn, *, login: str | None = None, password: str | None = None):
+    """The finance system's read-only login (default `<database>_reader`) through an administrator's `conn`.
+
+    SELECT on `cw.kh_zl`, `cw.fp`, `cw.ht` and `cw.sk` only, every session read-only
+    (`default_transaction_read_only`); `password` else a generated one. Call it again after `seed`,
+    which recreates the tables (and so drops their grants). Commits; returns a `crm_sync.db.Login`.
+    """
+    from crm_sync import db
+
+    return db.grant_table_reader(conn, SCHEMA, READABLE_TABLES, login=login, password=password)
