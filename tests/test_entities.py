@@ -44,7 +44,8 @@ def test_fact_tables_match_the_registry(conn, spec):
     for column, sql_type in spec.columns.items():
         assert _normal(target.get(column, "missing")) == _normal(sql_type), f"{spec.target}.{column}"
         assert _normal(stg.get(column, "missing")) == _normal(sql_type), f"{spec.staging}.{column}"
-    keys = {"source", spec.key, "customer_id", "ref_by", "ref_source", "row_hash", "loaded_run_id"}
+    keys = {"source", spec.key, "customer_id", "ref_by", "ref_source", "row_hash", "loaded_run_id",
+            "deleted_at", "deleted_run_id"}  # soft deletes (deletes.py) are on every target
     assert set(target) == set(spec.columns) | keys
     assert set(stg) == set(staging_columns(spec.name)) | {"run_id", "source", "stream", "source_pk", "row_hash"}
 

@@ -326,6 +326,10 @@ class SourceConfig(_Strict):
     sweep: Sweep | None = None       # incremental sources: the nightly late-row sweep
     task_timeout_minutes: int = Field(default=60, ge=1)       # Airflow execution_timeout of every task
     statement_timeout_seconds: int = Field(default=900, ge=1)  # PostgreSQL statement_timeout of every session
+    # a quarantined key nobody fixed or released within this many days expires (one final notice);
+    # None: $CRM_SYNC_QUARANTINE_EXPIRY_DAYS, else 30
+    quarantine_expiry_days: int | None = Field(default=None, ge=1)
+    quarantine_purge_days: int = Field(default=90, ge=1)      # settled quarantine rows are deleted after this
     priority: int = Field(default=50, ge=0, le=100)  # survivorship: higher wins for golden fields
     orphans: Literal["hold", "stub"] = "hold"  # a fact whose customer is unknown: held and retried, or a stub customer
     pool: str | None = None

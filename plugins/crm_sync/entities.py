@@ -9,7 +9,8 @@ tables match this registry, and that a merge moves a row of every entity).
 
 Guarantees: a fact (every entity but `customer`) hangs off a golden customer through
 `customer_id`, found from `source_customer_id` as the stream's `customer_ref` says; money columns
-are `numeric(18, scale)`; `row_hash` and `loaded_run_id` are on every target row.
+are `numeric(18, scale)`; `row_hash`, `loaded_run_id` and the soft-delete columns `deleted_at`,
+`deleted_run_id` are on every target row.
 """
 from __future__ import annotations
 

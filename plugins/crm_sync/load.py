@@ -138,6 +138,7 @@ def load(conn, run_id: str, cfg: SourceConfig, *, allow_deletes: bool = False) -
             # every held fact this run settled: its customer arrived, or its newer version loaded
             released = facts.release(cur, run_id) + superseded
             deleted = deletes.apply(cur, run_id, cfg)
+            quarantine.settle(cur, run_id, cfg)  # earlier runs' quarantined keys this run answered
             for stream in cfg.streams:
                 watermark.advance(cur, cfg.source, stream.name, run_id)
             cur.execute("select count(distinct (stream, coalesce(source_pk, quarantine_id::text)))"
@@ -147,7 +148,8 @@ def load(conn, run_id: str, cfg: SourceConfig, *, allow_deletes: bool = False) -
                           rows_rejected=rejected, facts_held=held, facts_released=released, rows_deleted=deleted)
         conn.commit()
     except Exception:
-        conn.rollback()
+        if not conn.closed:  # a dropped connection must not replace the error that dropped it
+            conn.rollback()
         raise
     return LoadResult(customers=customers, rejected=rejected, facts=loaded, held=held, released=released,
                       deleted=deleted)

@@ -49,6 +49,7 @@ def quiet_libraries() -> None:
 
 @contextmanager
 def _stage(cfg: SourceConfig):
+    import psycopg2
     from airflow.sdk.exceptions import AirflowFailException
 
     from crm_sync import db
@@ -61,13 +62,31 @@ def _stage(cfg: SourceConfig):
         yield conn
         conn.commit()
     except _fail_fast_errors() as exc:
-        conn.rollback()
+        _rollback(conn)
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        # raw driver errors here come from the CRM connection (a source's are named by _from_source)
+        _rollback(conn)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise db.DatabaseError(
+            f"the CRM database (Airflow connection '{cfg.crm_conn_id}') failed during the task: {first}. "
+            "The task's transaction rolled back, nothing of it was written; the task will retry.") from exc
     except Exception:
-        conn.rollback()
+        _rollback(conn)
         raise
     finally:
-        conn.close()
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def _rollback(conn) -> None:
+    """Roll back; a connection the server already dropped must not hide the error that dropped it."""
+    try:
+        conn.rollback()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def selected(cfg: SourceConfig, stream_name: str, context: dict) -> bool:
@@ -118,6 +137,10 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
             log.info("%s.%s resumes paging where %s stopped (%d pages, %d records)", source, stream.name,
                      "this run's last attempt" if resumed["run_id"] == run_id else f"run {resumed['run_id']}",
                      resumed["pages"], resumed["records"])
+        else:  # keys a steward released from quarantine are read again
+            from crm_sync import quarantine
+
+            window = quarantine.release_window(conn, cfg, stream, window)
         log.info("extracting %s.%s for %s: since=%s until=%s%s", source, stream.name, run_id, window.since,
                  window.until, " (late-row sweep)" if window.sweep else "")
         try:
@@ -143,7 +166,7 @@ def extract(source: str, stream_name: str, context: dict) -> dict:
                                  snapshot_keys=listed)
         except Exception as exc:
             # the staged rows go, but paid calls were made: count them in a transaction of their own
-            conn.rollback()
+            _rollback(conn)
             if extractor.calls:
                 _add_api_calls(run_id, source, cfg, extractor.calls)
             _record_schema_drift(conn, run_id, cfg, stream.name, exc)
@@ -315,6 +338,7 @@ def reconcile(source: str, context: dict) -> dict:
             state, late, deleted = cur.fetchone() or ("success", 0, 0)
             resolved = incidents.resolve(cur, source, run_id)
         drift_warnings = drift.check_run(conn, run_id, cfg)
+        _report(conn, run_id, source)
         with conn.cursor() as cur:
             # every drift warning of the run (any stream, and the run's own figures) goes out in one notice
             cur.execute("""update sync.drift_event set alerted = true
@@ -324,6 +348,7 @@ def reconcile(source: str, context: dict) -> dict:
         conn.commit()
         extractor_class(cfg.kind).finish(conn, cfg, run_id)
         purge_staging(conn, source)
+        expired = _housekeeping(conn, cfg)
     _note(cfg, run_id, context)
     if resolved is not None:
         from crm_sync.alerts import send_resolved
@@ -336,6 +361,15 @@ def reconcile(source: str, context: dict) -> dict:
                       webhook_conn_id=cfg.alerts.webhook_conn_id, context=context, counts=figures)
     notices = [f"{message} (loaded: a warning does not block; the figures: select * from sync.drift_event where "
                f"run_id = '{run_id}' and source = '{source}')" for _, message in drifted]
+    if expired:
+        from crm_sync.quarantine import expiry_days, group_rows
+
+        for g in group_rows(expired):
+            notices.append(
+                f"{g['rows']} quarantined rows of stream '{g['stream']}' ({g['stage']}: {g['rule']}"
+                f"{', field ' + g['field'] if g['field'] else ''}) expired after {expiry_days(source)} days "
+                "without a fix or a release: they will not be retried. Keep them with `crm-sync quarantine list "
+                f"--source {source} --status expired --rows`; release them after fixing the source.")
     if late:
         notices.append(
             f"the late-row sweep of source '{source}' loaded {late} rows that the regular runs missed: they were "
@@ -406,9 +440,36 @@ class FailureCallback:
                 _, opened = incidents.open_or_repeat(cur, self.source, run_id, getattr(ti, "task_id", None),
                                                      "blocked" if blocked else "failed", error)
             conn.commit()
+            _report(conn, run_id, self.source)  # what was checked and what failed, linked from the alert
+            conn.commit()
         finally:
             conn.close()
         return opened
+
+
+def _report(conn, run_id: str, source: str) -> None:
+    """The run's quality report (HTML + JSON, path in `sync.quality_report`); never fails the task."""
+    try:
+        from crm_sync.quality import report
+
+        report.build(conn, run_id, source)
+    except Exception as exc:  # noqa: BLE001 - a report is evidence, not a gate
+        log.warning("quality report of %s not built: %s", run_id, type(exc).__name__)
+
+
+def _housekeeping(conn, cfg: SourceConfig) -> list[dict]:
+    """Expire quarantine rows nobody settled in time and purge old settled ones; the rows expired now."""
+    from crm_sync import quarantine
+
+    try:
+        expired = quarantine.expire(conn, source=cfg.source)
+        quarantine.purge(conn, cfg.quarantine_purge_days, source=cfg.source)
+        conn.commit()
+        return expired
+    except Exception as exc:  # noqa: BLE001 - housekeeping must not fail a run that loaded
+        conn.rollback()
+        log.warning("quarantine housekeeping of %s failed: %s", cfg.source, type(exc).__name__)
+        return []
 
 
 def _note(cfg: SourceConfig, run_id: str, context: dict, *, error=None) -> None:
@@ -434,8 +495,18 @@ def _note(cfg: SourceConfig, run_id: str, context: dict, *, error=None) -> None:
 def _counts(cfg: SourceConfig, run_id: str, source: str) -> dict:
     from crm_sync import db, runlog
 
-    conn = db.task_connection(cfg.crm_conn_id)
+    conn = db.task_connection(cfg.crm_conn_id, system="the CRM database")
     try:
-        return runlog.counts(conn, run_id, source)
+        figures = runlog.counts(conn, run_id, source)
+        try:
+            from crm_sync.quality import report
+
+            stored = report.stored(conn, run_id, source)
+        except Exception:  # noqa: BLE001 - figures without the link beat no figures
+            conn.rollback()
+            stored = None
+        if stored and stored.get("html_path"):
+            figures["quality_report"] = stored["html_path"]
+        return figures
     finally:
         conn.close()
