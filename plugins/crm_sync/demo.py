@@ -35,7 +35,9 @@ from pathlib import Path
 from crm_sync import db, paths
 from crm_sync.config import SourceConfig, load_source
 
-SCENARIOS = ("bad-batch", "volume-drop", "schema-drift", "api-outage")
+SCENARIOS = ("bad-batch", "volume-drop", "schema-drift", "api-outage", "drift", "recovery")
+# scenarios whose run is meant to fail at a gate (the others: drift loads and warns, recovery fails then heals)
+FAILING_SCENARIOS = ("bad-batch", "volume-drop", "schema-drift", "api-outage")
 # customer-rich sources first, so a call or chat finds its customer in the same demo run
 DEMO_SOURCES = ("erp", "finance", "spreadsheet", "ticketing", "im", "callcenter")
 ERP_DATABASE = "crm_src_erp"
@@ -48,7 +50,8 @@ ERP_READER = f"{ERP_DATABASE}_reader"
 FINANCE_READER = f"{FINANCE_DATABASE}_reader"
 
 # which source's gate each scenario exercises
-SCENARIO_SOURCE = {"bad-batch": "erp", "volume-drop": "erp", "schema-drift": "erp", "api-outage": "ticketing"}
+SCENARIO_SOURCE = {"bad-batch": "erp", "volume-drop": "erp", "schema-drift": "erp", "api-outage": "ticketing",
+                   "drift": "erp", "recovery": "erp"}
 
 
 def demo_dir() -> Path:
@@ -170,6 +173,7 @@ class _Sources:
         self.state = state
         self.scenario = scenario
         self.scratch: tuple[str, str] | None = None
+        self.erp_dsn: str | None = None   # the real sample ERP (a scenario's fault lives in a scratch copy)
 
     def _prepare_database(self, admin_dsn: str, database: str, probe: str, simulator, end: datetime) -> str:
         """A sample source database: seeded on the first demo, one "day" of changes on every later one."""
@@ -196,7 +200,8 @@ class _Sources:
         from crm_sync.simulators import erp
 
         dsn = self._prepare_database(admin_dsn, ERP_DATABASE, "src_erp.customers", erp, end)
-        if self.scenario not in ("bad-batch", "volume-drop", "schema-drift"):
+        self.erp_dsn = dsn
+        if self.scenario not in ("bad-batch", "volume-drop", "schema-drift", "drift", "recovery"):
             return dsn
         scratch = f"{ERP_DATABASE}_scenario"
         db.copy_database(admin_dsn, scratch, template=ERP_DATABASE)
@@ -204,8 +209,10 @@ class _Sources:
         scratch_dsn = db.with_database(admin_dsn, scratch)
         conn = db.connect(scratch_dsn)
         try:
-            if self.scenario == "bad-batch":
+            if self.scenario in ("bad-batch", "recovery"):
                 erp.inject_bad_batch(conn, now=end - timedelta(seconds=10))
+            elif self.scenario == "drift":
+                erp.shift_distribution(conn, 0.4)
             elif self.scenario == "volume-drop":
                 erp.drop_volume(conn, 0.9)
             else:
@@ -274,9 +281,45 @@ def _manages_roles(dsn: str) -> bool:
         return bool(cur.fetchone()[0])
 
 
-def _reader(dsn: str, simulator, login: str, env_var: str) -> db.Login:
+def _reader(dsn: str, simulator, login: str, env_var: str, password: str | None = None) -> db.Login:
     with db.connection(dsn) as conn:
-        return simulator.ensure_reader(conn, login=login, password=os.environ.get(env_var))
+        return simulator.ensure_reader(conn, login=login, password=password or os.environ.get(env_var))
+
+
+def _crm_fingerprint(dsn: str) -> tuple:
+    """What a blocked run must leave unchanged: row counts and the newest write of the CRM tables."""
+    from crm_sync import entities
+
+    with db.connection(dsn) as conn, conn.cursor() as cur:
+        parts = [f"(select count(*)::text || '/' || coalesce(max(loaded_run_id), '') from {e.target})"
+                 for e in entities.ENTITIES]
+        cur.execute(f"select {', '.join(parts)}, (select count(*) from crm.customer),"
+                    " (select max(updated_at) from crm.customer)")
+        return cur.fetchone()
+
+
+def _baseline_runs_needed(dsn: str, cfg: SourceConfig) -> int:
+    """Successful runs of the source missing before drift has a baseline (`drift.min_history`)."""
+    with db.connection(dsn) as conn, conn.cursor() as cur:
+        cur.execute("""select count(distinct m.run_id) from sync.drift_metric m
+                       join sync.run_log l on l.run_id = m.run_id and l.source = m.source
+                       where m.source = %s and m.run_type = 'nightly' and l.state = 'success'""", (cfg.source,))
+        have = cur.fetchone()[0]
+    return max(0, cfg.drift.min_history - have)
+
+
+def _close_scenario_incident(conn, source: str, out) -> None:
+    """A failing scenario's fault lives in a throw-away copy of the source: the sample source itself is
+    healthy, so the incident the scenario opened is closed (without a message) when the demo ends."""
+    with conn.cursor() as cur:
+        cur.execute("""update sync.incident set state = 'resolved', resolved_run_id = 'demo: scenario over',
+                              resolved_at = now()
+                       where source = %s and state = 'open' returning incident_id""", (source,))
+        closed = [r[0] for r in cur.fetchall()]
+    conn.commit()
+    if closed:
+        print(f"  incident #{closed[0]} of source {source} closed: the scenario's fault lived in a throw-away "
+              "copy of the source, the sample source itself is healthy.", file=out)
 
 
 def _pipeline_logins(dsn: str, erp_dsn: str, finance_dsn: str) -> dict[str, db.Login]:
@@ -356,22 +399,43 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
         env = airflow_env(connections)
         ensure_airflow_db(env)
         before = set(outbox_dir().glob("*.eml"))
-        for name in DEMO_SOURCES:
+        fingerprint = _crm_fingerprint(dsn)
+        steps = [(name, env, None) for name in DEMO_SOURCES
+                 if not scenario or SCENARIO_SOURCE[scenario] == name]
+        if scenario in ("drift", "recovery"):
+            # the real (healthy) sample ERP, read by the same reader login
+            if logins:
+                from crm_sync.simulators import erp as erp_simulator
+
+                _reader(sources.erp_dsn, erp_simulator, ERP_READER, "CRM_SYNC_ERP_READER_PASSWORD",
+                        password=logins["erp_src"].password)
+            healthy = airflow_env({**connections, "erp_src": _pg_conn_json(sources.erp_dsn, logins.get("erp_src"))})
+            if scenario == "recovery":   # the bad batch first (one alert), then the fixed source (one "resolved")
+                steps = [("erp", env, "the bad batch"), ("erp", healthy, "the fixed source")]
+            else:                        # enough ordinary nightly runs for a baseline, then the shifted batch
+                needed = _baseline_runs_needed(dsn, configs["erp"])
+                baseline = [("erp", healthy, f"baseline run {i + 1} of {needed}") for i in range(needed)]
+                steps = [*baseline, ("erp", env, "the shifted batch")]
+        for i, (name, step_env, label) in enumerate(steps):
             cfg = configs[name]
-            if scenario and SCENARIO_SOURCE[scenario] != name:
-                continue
-            log_path = demo_dir() / f"{cfg.dag_id}.log"
+            if label:
+                print(f"  {cfg.dag_id}: {label} …", file=out)
+            log_path = demo_dir() / f"{cfg.dag_id}{'-' + str(i + 1) if label else ''}.log"
             t0 = time.monotonic()
-            code = run_dag(cfg.dag_id, now, env, log_path)
-            results[name] = {"exit": code, "seconds": time.monotonic() - t0, "log": log_path}
+            code = run_dag(cfg.dag_id, now + timedelta(seconds=i), step_env, log_path)
+            results[name] = {"exit": code, "seconds": time.monotonic() - t0, "log": log_path,
+                             "first_exit": results.get(name, {}).get("first_exit", code)}
         new_mail = sorted(set(outbox_dir().glob("*.eml")) - before)
+        untouched = _crm_fingerprint(dsn) == fingerprint
         for name, store in stores.items():
             if results.get(name, {}).get("exit") == 0:
                 sources.save_api(name, store)
 
     conn = db.connect(dsn)
     try:
-        ok = _print_summary(conn, configs, results, new_mail, scenario, out)
+        ok = _print_summary(conn, configs, results, new_mail, scenario, out, untouched=untouched)
+        if scenario in FAILING_SCENARIOS:
+            _close_scenario_incident(conn, SCENARIO_SOURCE[scenario], out)
     finally:
         conn.close()
     if scenario is None and ok:
@@ -382,7 +446,7 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     return 0 if ok else 1
 
 
-def _print_summary(conn, configs, results, new_mail, scenario, out) -> bool:
+def _print_summary(conn, configs, results, new_mail, scenario, out, *, untouched: bool = True) -> bool:
     from crm_sync.status import source_status
 
     print("", file=out)
@@ -396,7 +460,7 @@ def _print_summary(conn, configs, results, new_mail, scenario, out) -> bool:
         print(f"{name:<11} {str(run.get('state', '?')):<8} {run.get('rows_extracted', 0):>9} "
               f"{run.get('rows_loaded', 0):>7} {run.get('rows_rejected', 0):>8} {run.get('ids_merged', 0):>7} "
               f"{run.get('ids_review', 0):>6} {run.get('ids_new', 0):>6} {recon:>6} {res['seconds']:>5.0f}s", file=out)
-        if res["exit"] != 0 or run.get("state") != "success":
+        if res["exit"] != 0 or run.get("state") not in ("success", "partial"):
             if scenario is None:
                 ok = False
             print(f"  {name}: DAG run failed at {run.get('failed_task')}: {run.get('error')}", file=out)
@@ -408,15 +472,41 @@ def _print_summary(conn, configs, results, new_mail, scenario, out) -> bool:
         links = cur.fetchone()[0]
     print(f"\nCRM master: {customers} customers, {links} source links.", file=out)
     if scenario:
-        failed = [n for n, r in results.items() if r["exit"] != 0]
-        if failed and new_mail:
-            print(f"Scenario {scenario}: the gate held — the run failed, nothing was loaded, "
-                  f"and on-call was alerted: {new_mail[-1]}", file=out)
-        else:
-            print(f"Scenario {scenario}: the gate did NOT hold (failed DAGs: {failed}, alerts: {len(new_mail)})",
-                  file=out)
-            ok = False
+        ok = _scenario_verdict(scenario, results, new_mail, untouched, out)
     elif new_mail:
         print(f"Alerts sent: {len(new_mail)} (see {outbox_dir()})", file=out)
     print(f"Alert e-mails land in {outbox_dir()}/ ; `crm-sync status` shows every source.", file=out)
+    return ok
+
+
+def _subject(path: Path) -> str:
+    import email
+    from email import policy
+
+    return str(email.message_from_bytes(path.read_bytes(), policy=policy.default)["Subject"] or "")
+
+
+def _scenario_verdict(scenario: str, results: dict, new_mail: list[Path], untouched: bool, out) -> bool:
+    """Did the gate decide as the scenario expects, with exactly the message(s) it expects?"""
+    res = results[SCENARIO_SOURCE[scenario]]
+    subjects = [_subject(p) for p in new_mail]
+    for path, subject in zip(new_mail, subjects):
+        print(f"  message: {subject}\n           {path}", file=out)
+    if scenario in FAILING_SCENARIOS:
+        ok = res["exit"] != 0 and untouched and len(new_mail) == 1
+        verdict = ("the gate held — the run stopped, the CRM is untouched, on-call got exactly one alert"
+                   if ok else f"the gate did NOT hold as expected (exit {res['exit']}, CRM untouched: {untouched}, "
+                              f"messages: {len(new_mail)})")
+    elif scenario == "drift":
+        ok = res["exit"] == 0 and len(new_mail) == 1 and "WARNING" in subjects[0]
+        verdict = ("the shifted batch loaded (a warning does not block) and on-call got one drift notice"
+                   if ok else f"expected a loaded run and one drift notice (exit {res['exit']}, "
+                              f"messages: {subjects})")
+    else:  # recovery
+        ok = (res["first_exit"] != 0 and res["exit"] == 0 and len(new_mail) == 2
+              and "RESOLVED" in subjects[-1] and "RESOLVED" not in subjects[0])
+        verdict = ("the bad batch was blocked with one alert, the fixed source loaded and sent one RESOLVED"
+                   if ok else f"expected one alert then one RESOLVED (exits {res['first_exit']}/{res['exit']}, "
+                              f"messages: {subjects})")
+    print(f"Scenario {scenario}: {verdict}.", file=out)
     return ok

@@ -340,3 +340,20 @@ def ensure_reader(conn, *, login: str | None = None, password: str | None = None
     from crm_sync import db
 
     return db.grant_table_reader(conn, SCHEMA, READABLE_TABLES, login=login, password=password)
+
+
+def shift_distribution(conn, share: float = 0.4) -> int:
+    """A distribution shift an upstream change causes: `share` of the customers lose their e-mail
+    (the same rows every time, by a hash of the key); nothing else changes. Commits; rows changed."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    with conn.cursor() as cur:
+        cur.execute(f"""
+            update {SCHEMA}.customers set email = null
+            where customer_no in (select customer_no from {SCHEMA}.customers where email is not null
+                                  order by md5(customer_no)
+                                  limit (select floor(count(*) * %(s)s)::bigint from {SCHEMA}.customers))""",
+                    {"s": share})
+        changed = cur.rowcount
+    conn.commit()
+    return changed
