@@ -141,8 +141,10 @@ def load(conn, run_id: str, cfg: SourceConfig, *, allow_deletes: bool = False) -
             quarantine.settle(cur, run_id, cfg)  # earlier runs' quarantined keys this run answered
             for stream in cfg.streams:
                 watermark.advance(cur, cfg.source, stream.name, run_id)
+            # rows kept out of the CRM (a superseded older version of a loaded key is not one)
             cur.execute("select count(distinct (stream, coalesce(source_pk, quarantine_id::text)))"
-                        " from sync.quarantine where run_id = %s and source = %s", (run_id, cfg.source))
+                        " from sync.quarantine where run_id = %s and source = %s and blocks_key",
+                        (run_id, cfg.source))
             rejected = cur.fetchone()[0]
             runlog.update(cur, run_id, cfg.source, rows_loaded=customers + sum(loaded.values()),
                           rows_rejected=rejected, facts_held=held, facts_released=released, rows_deleted=deleted)
