@@ -447,6 +447,7 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
 
 
 def _print_summary(conn, configs, results, new_mail, scenario, out, *, untouched: bool = True) -> bool:
+    from crm_sync import runlog
     from crm_sync.status import source_status
 
     print("", file=out)
@@ -457,9 +458,13 @@ def _print_summary(conn, configs, results, new_mail, scenario, out, *, untouched
         st = source_status(conn, name) or {}
         run = st.get("last_run") or {}
         recon = {True: "ok", False: "FAIL", None: "-"}[run.get("reconcile_ok")]
+        # what the run did: a run that loaded nothing shows no identity figures, and its rejects from every stage
+        figures = runlog.counts(conn, run["run_id"], name) if run.get("run_id") else {}
+        loaded = run.get("rows_loaded", 0) if "ids_new" in figures else 0
         print(f"{name:<11} {str(run.get('state', '?')):<8} {run.get('rows_extracted', 0):>9} "
-              f"{run.get('rows_loaded', 0):>7} {run.get('rows_rejected', 0):>8} {run.get('ids_merged', 0):>7} "
-              f"{run.get('ids_review', 0):>6} {run.get('ids_new', 0):>6} {recon:>6} {res['seconds']:>5.0f}s", file=out)
+              f"{loaded:>7} {figures.get('rows_rejected', 0):>8} {figures.get('ids_merged', '-'):>7} "
+              f"{figures.get('ids_review', '-'):>6} {figures.get('ids_new', '-'):>6} {recon:>6} "
+              f"{res['seconds']:>5.0f}s", file=out)
         if res["exit"] != 0 or run.get("state") not in ("success", "partial"):
             if scenario is None:
                 ok = False
