@@ -37,6 +37,7 @@ _COUNT_LABELS = [
     ("rows_extracted", "rows extracted"),
     ("rows_mapped", "rows mapped"),
     ("rows_loaded", "rows loaded"),
+    ("rows_unchanged", "rows unchanged (already in the CRM)"),
     ("rows_rejected", "rows rejected (quarantined)"),
     ("ids_new", "new customers"),
     ("ids_merged", "customers merged"),

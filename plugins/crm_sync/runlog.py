@@ -57,7 +57,7 @@ def counts(conn, run_id: str, source: str) -> dict:
     stream, stage and rule or field, with one (masked) example, not by raw value."""
     with conn.cursor() as cur:
         cur.execute(
-            """select state, rows_extracted, rows_mapped, rows_loaded, ids_merged,
+            """select state, rows_extracted, rows_mapped, rows_loaded, rows_unchanged, ids_merged,
                       ids_review, ids_new, api_calls, reconcile_ok
                from sync.run_log where run_id = %s and source = %s""",
             (run_id, source),
@@ -70,7 +70,7 @@ def counts(conn, run_id: str, source: str) -> dict:
                where run_id = %s and source = %s and blocks_key""", (run_id, source))
         result["rows_rejected"] = cur.fetchone()[0]
         if result and not result.get("rows_loaded") and result.get("state") not in ("success", "partial"):
-            for key in ("ids_merged", "ids_review", "ids_new"):
+            for key in ("ids_merged", "ids_review", "ids_new", "rows_unchanged"):
                 result.pop(key, None)
             result["rows_loaded"] = "0 (nothing of this run reached the CRM)"
         cur.execute(
