@@ -168,7 +168,9 @@ def test_retry_wording_only_for_errors_that_retry():
     ("KeyError: 'mobile'", "unexpected error"),
     ("DeleteBrakeError: source 'erp': delete brake — stream 'customers': 800 of 1000 rows in the CRM (80%) are "
      "missing from the source's snapshot", '{"allow_deletes": true}'),
-    ("LostRowsError: source 'erp' stream 'orders': the staging of run x is gone", "the extract task group"),
+    ("StagingLostError: source 'erp' run 'x': the run's staging is gone", "the extract task group"),
+    ("LostRowsError: source 'erp' stream 'orders': the source holds 12 rows in the window but only 11 arrived",
+     "sync.stream_account"),
     ("DatabaseError: source 'erp' database failed while reading: server closed the connection unexpectedly",
      "failed (not the CRM)"),
     ("DatabaseError: cannot connect to the CRM database through Airflow connection 'crm_db'",

@@ -27,7 +27,7 @@ CountsProvider = Callable[[str, str], Mapping[str, Any]]
 
 # errors a retry cannot fix: the task fails at once (tasks._fail_fast_errors), the alert says so
 NOT_RETRIED = {"DataQualityError", "DriftError", "SuiteError", "ReconciliationError", "SourceRejected",
-               "ConfigError", "SchemaDriftError", "DeleteBrakeError", "LostRowsError", "AirflowFailException"}
+               "ConfigError", "SchemaDriftError", "DeleteBrakeError", "StagingLostError", "AirflowFailException"}
 # a gate decided: the batch was stopped on purpose before load (as opposed to a crash)
 BLOCKING = {"DataQualityError", "DriftError", "DeleteBrakeError", "SchemaDriftError"}
 
@@ -141,7 +141,7 @@ def _what_to_do(names: list[str], *, source: str, run_id: str, dag_id: str, task
             f"3. If they were: trigger {dag_id} with config {{\"allow_deletes\": true}} to soft-delete them once "
             "(rows stay in the CRM with deleted_at set and come back if the source brings them again).",
         ]
-    if "LostRowsError" in names:
+    if {"LostRowsError", "StagingLostError"} & set(names):
         return [
             "Rows would have been LOST, so the run stopped: the source holds rows the run did not receive "
             "(count or key checksum differ), or the run's staging tables were emptied (a PostgreSQL restart "

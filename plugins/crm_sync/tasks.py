@@ -21,11 +21,11 @@ def _fail_fast_errors() -> tuple[type[BaseException], ...]:
     from crm_sync.quality.validate import DataQualityError, SuiteError
     from crm_sync.reconcile import ReconciliationError
     from crm_sync.sources.http_source import SourceRejected
-    from crm_sync.sources.extract import LostRowsError
+    from crm_sync.sources.extract import StagingLostError
     from crm_sync.sources.sql_source import SchemaDriftError
 
     return (DataQualityError, SuiteError, ReconciliationError, SourceRejected, ConfigError, SchemaDriftError,
-            DeleteBrakeError, LostRowsError)
+            DeleteBrakeError, StagingLostError)
 
 
 # libraries whose INFO lines drown a task's own log (GX alone writes ~200 per validation)
@@ -70,7 +70,7 @@ def _stage(cfg: SourceConfig):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise db.DatabaseError(
             f"the CRM database (Airflow connection '{cfg.crm_conn_id}') failed during the task: {first}. "
-            "The task's transaction rolled back, nothing of it was written; the task will retry.") from exc
+            "The task's transaction rolled back, nothing of it was written; Airflow retries the task while tries remain.") from exc
     except Exception:
         _rollback(conn)
         raise
@@ -226,7 +226,7 @@ def _from_source(cfg: SourceConfig, open_batches):
     def fail(exc):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return DatabaseError(f"source '{cfg.source}' database (Airflow connection '{cfg.conn_id}') failed while "
-                             f"reading: {first}. Nothing was loaded; the task will retry.")
+                             f"reading: {first}. Nothing was loaded; Airflow retries the task while tries remain.")
 
     try:
         batches = open_batches()

@@ -88,7 +88,11 @@ def _printable(record: dict) -> dict:
 
 
 class LostRowsError(RuntimeError):
-    """The source holds rows of the window that did not arrive (or the staging of the run is gone)."""
+    """The source holds rows of the window that did not arrive (a retry of the extract reads them again)."""
+
+
+class StagingLostError(LostRowsError):
+    """The run's staging is gone: retrying the stage cannot bring it back (the extract must run again)."""
 
 
 class _Batch:
@@ -381,13 +385,13 @@ def check_received(cfg: SourceConfig, stream: StreamConfig, result: ExtractResul
             f"{where}: the source holds {source_total} rows in the window "
             f"[{result.since.isoformat() if result.since else 'start'}, {result.until.isoformat()}) but only "
             f"{result.received} arrived; {source_total - result.received} would be lost. Nothing was loaded; "
-            "the task will retry.")
+            "Airflow retries the task while tries remain.")
     if result.checksum is not None and source_checksum is not None and result.received == source_total \
             and result.checksum != source_checksum:
         raise LostRowsError(
             f"{where}: {source_total} rows arrived as the source counts, but their keys differ from the "
             "source's (key checksum mismatch): some rows were read twice and others not at all. Nothing was "
-            "loaded; the task will retry.")
+            "loaded; Airflow retries the task while tries remain.")
     if result.received > source_total:
         log.warning("%s: %d rows arrived, the source counted %d in the window (rows added while paging)",
                     where, result.received, source_total)
@@ -405,7 +409,7 @@ def check_staging(conn, run_id: str, cfg: SourceConfig) -> None:
         gone = [(stream, staged, present) for stream, staged, present in cur.fetchall() if present != staged]
     if gone:
         detail = "; ".join(f"{s}: {staged} rows extracted, {present} left in staging" for s, staged, present in gone)
-        raise LostRowsError(
+        raise StagingLostError(
             f"source '{cfg.source}' run '{run_id}': the run's staging is gone ({detail}) — PostgreSQL restarted "
             "or someone purged stg.*. Nothing of it was loaded and the watermark did not move: the next run reads "
             "the window again, or clear this whole DAG run (every task) to redo it now.")

@@ -323,7 +323,7 @@ class _Pager:
             if attempt >= options.max_attempts:
                 raise SourceUnavailable(
                     f"{what} failed after {attempt} attempts; last error: {last}. "
-                    "Nothing was loaded and the watermark did not move; the task will retry."
+                    "Nothing was loaded and the watermark did not move; Airflow retries the task while tries remain."
                 )
             if self.spent():
                 raise _BudgetSpent(last)
