@@ -29,11 +29,13 @@ status: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# BENCH_PIPELINE_ARGS="--customers 100000" scales the pipeline benchmark down (default: 1,000,000 customers)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_load.py $(BENCH_LOAD_ARGS)
 	$(BIN)/python bench/bench_identity.py $(BENCH_IDENTITY_ARGS)
 	$(BIN)/python bench/bench_linkage.py $(BENCH_LINKAGE_ARGS)
 	$(BIN)/python bench/bench_sources.py $(BENCH_SOURCES_ARGS)
+	$(BIN)/python bench/bench_pipeline.py $(BENCH_PIPELINE_ARGS)
 
 db-stop: $(STAMP)
 	$(BIN)/crm-sync db-stop

@@ -60,10 +60,11 @@ def _stream_checks(cur, run_id: str, source: str, stream: StreamConfig) -> list[
         params,
     )
     quarantined = cur.fetchone()[0]
+    # a scalar subquery: one primary-key lookup per accepted row (an EXISTS may become a scan of the target)
     cur.execute(
         f"""select count(*) {accepted}
-              and exists (select 1 from {target} t where t.source = m.source and t.{key} = m.source_pk
-                          and t.row_hash = m.row_hash)""",
+              and (select t.row_hash from {target} t where t.source = m.source and t.{key} = m.source_pk)
+                  = m.row_hash""",
         params,
     )
     present = cur.fetchone()[0]
@@ -142,8 +143,11 @@ def reconcile(conn, run_id: str, cfg: SourceConfig) -> list[Check]:
         ok = all(c.ok for c in checks)
         runlog.update(cur, run_id, cfg.source, reconcile_ok=ok)
         cur.execute(
-            """update sync.run_log l set rows_unchanged = a.unchanged, rows_deleted = a.deleted, late_rows = a.late
-               from (select coalesce(sum(unchanged), 0) as unchanged, coalesce(sum(deleted), 0) as deleted,
+            # rows_loaded becomes what this run wrote (the load counted every accepted row, unchanged ones too)
+            """update sync.run_log l set rows_unchanged = a.unchanged, rows_deleted = a.deleted, late_rows = a.late,
+                      rows_loaded = case when a.n > 0 then a.loaded else l.rows_loaded end
+               from (select count(*) as n, coalesce(sum(loaded), 0) as loaded,
+                            coalesce(sum(unchanged), 0) as unchanged, coalesce(sum(deleted), 0) as deleted,
                             coalesce(sum(late), 0) as late
                      from sync.stream_account where run_id = %(run)s and source = %(source)s) a
                where l.run_id = %(run)s and l.source = %(source)s""",

@@ -155,6 +155,78 @@ class _Groups:
         return True
 
 
+# The live customer (text) of the record (source, source_id) in columns `src` / `sid` of the outer
+# row: a scalar subquery is one primary-key lookup per row, never a scan of the master.
+_LIVE_OF = """(select coalesce(c.merged_into, c.customer_id)::text
+               from crm.customer_link l join crm.customer c on c.customer_id = l.customer_id
+               where l.source = {src} and l.source_id = {sid})"""
+
+# Review items with a record in the CTE `{records}` (source, source_id) and status `{status}`, found
+# per record through the item's unique key (a side) and `review_item_b_idx` (b side). `offset 0`
+# keeps each lookup a lookup: as a plain join the planner may hash the whole table instead.
+_ITEMS_OF = """
+    select x.review_id from {records} r cross join lateral (
+        select i.review_id from crm.review_item i
+        where i.source_a = r.source and i.source_id_a = r.source_id and i.status = '{status}'
+        union all
+        select i.review_id from crm.review_item i
+        where i.source_b = r.source and i.source_id_b = r.source_id and i.status = '{status}'
+        offset 0) x"""
+
+
+def _steward_same(cur, run_id: str, source: str, touched: set[str]) -> list[tuple[str, str, dict]]:
+    """Merge edges from stewards' 'same' decisions the master may not reflect: decisions not applied
+    yet, and those of a record that moves this run — resolved to another customer than its own
+    (any decision but 'linked'), or moved by a split (`touched`). An applied decision whose records
+    stayed where they were is still reflected, so it is not read: the cost follows the run and the
+    stewards' queue, not every decision ever made."""
+    cur.execute(
+        f"""
+        with moved as (
+            select r.source, r.source_pk as source_id from stg.resolved r
+            where r.run_id = %(run)s and r.source = %(source)s and r.decision <> 'linked'
+            union
+            select l.source, l.source_id from crm.customer_link l where l.customer_id = any(%(touched)s::uuid[])
+        ), item as (
+            select i.review_id from crm.review_item i where i.applied_run_id is null and i.status = 'same'
+            union
+            {_ITEMS_OF.format(records="moved", status="same")}
+        )
+        select x.review_id, x.decided_by, x.ca, x.cb, x.ra, x.rb
+        from (select i.review_id, i.decided_by, {_LIVE_OF.format(src="i.source_a", sid="i.source_id_a")} as ca,
+                     {_LIVE_OF.format(src="i.source_b", sid="i.source_id_b")} as cb,
+                     i.source_a || '/' || i.stream_a || '/' || i.source_id_a as ra,
+                     i.source_b || '/' || i.stream_b || '/' || i.source_id_b as rb
+              from crm.review_item i where i.review_id = any(array(select review_id from item))
+              offset 0) x
+        where x.ca <> x.cb
+        order by x.review_id
+        """,
+        {"run": run_id, "source": source, "touched": sorted(touched)},
+    )
+    return [(ca, cb, {"rule": "steward", "review_id": review_id, "decided_by": by, "record_a": ra, "record_b": rb})
+            for review_id, by, ca, cb, ra, rb in cur.fetchall()]
+
+
+def _steward_different(cur, customers: list[str]) -> set[tuple[str, str]]:
+    """(live customer, live customer) of every 'different' decision with a record in one of `customers`:
+    the only ones that can stop a merge between them (`_Groups`), found through those customers' records."""
+    cur.execute(
+        f"""
+        with record as (
+            select l.source, l.source_id from crm.customer_link l where l.customer_id = any(%s::uuid[])
+        ), item as (
+            {_ITEMS_OF.format(records="record", status="different")}
+        )
+        select {_LIVE_OF.format(src="i.source_a", sid="i.source_id_a")},
+               {_LIVE_OF.format(src="i.source_b", sid="i.source_id_b")}
+        from crm.review_item i where i.review_id = any(array(select review_id from item))
+        """,
+        (customers,),
+    )
+    return {(ca, cb) for ca, cb in cur.fetchall() if ca is not None and cb is not None}
+
+
 def _apply_merges(cur, run_id: str, source: str, touched: set[str]) -> int:
     edges: list[tuple[str, str, dict]] = []
     cur.execute(
@@ -165,30 +237,10 @@ def _apply_merges(cur, run_id: str, source: str, touched: set[str]) -> int:
     for survivor, absorbed, ra, rb, p, ex in cur.fetchall():
         edges.append((survivor, absorbed, {"rule": "engine", "record_a": ra, "record_b": rb,
                                            "probability": float(p) if p is not None else None, "explanation": ex}))
-    # live customers of the records of every decided pair
-    cur.execute(
-        """
-        select i.review_id, i.status, i.decided_by, coalesce(ca.merged_into, ca.customer_id)::text,
-               coalesce(cb.merged_into, cb.customer_id)::text,
-               i.source_a || '/' || i.stream_a || '/' || i.source_id_a, i.source_b || '/' || i.stream_b || '/' || i.source_id_b
-        from crm.review_item i
-        join crm.customer_link la on la.source = i.source_a and la.source_id = i.source_id_a
-        join crm.customer_link lb on lb.source = i.source_b and lb.source_id = i.source_id_b
-        join crm.customer ca on ca.customer_id = la.customer_id
-        join crm.customer cb on cb.customer_id = lb.customer_id
-        where i.status <> 'open'
-        """
-    )
-    different: set[tuple[str, str]] = set()
-    for review_id, status, by, ca, cb, ra, rb in cur.fetchall():
-        if status == "different":
-            different.add((ca, cb))
-        elif ca != cb:
-            edges.append((ca, cb, {"rule": "steward", "review_id": review_id, "decided_by": by,
-                                   "record_a": ra, "record_b": rb}))
+    edges += _steward_same(cur, run_id, source, touched)
     if not edges:
         return 0
-    groups = _Groups(different)
+    groups = _Groups(_steward_different(cur, sorted({c for a, b, _ in edges for c in (a, b)})))
     evidence: dict[str, dict] = {}
     for a, b, ev in edges:
         if groups.union(a, b):
@@ -241,6 +293,7 @@ def _raise_review_items(cur, run_id: str, source: str) -> int:
                    source_b text, stream_b text, source_id_b text, probability numeric, reason text,
                    explanation jsonb) on commit drop""")
     execute_values(cur, "insert into identity_review values %s", rows)
+    cur.execute("analyze identity_review")   # the joins below must know the pairs are few
     cur.execute(
         """
         insert into crm.review_item (source_a, stream_a, source_id_a, source_b, stream_b, source_id_b, customer_a,
@@ -259,14 +312,17 @@ def _raise_review_items(cur, run_id: str, source: str) -> int:
 
 
 def _mark_applied(cur, run_id: str) -> None:
+    """Decided items the master now reflects are applied; only the stewards' queue is read
+    (`review_item_pending_idx`), each item's two links by primary key."""
     cur.execute(
         """
         update crm.review_item i set applied_run_id = %s
-        from crm.customer_link la, crm.customer_link lb
         where i.applied_run_id is null and i.status <> 'open'
-          and la.source = i.source_a and la.source_id = i.source_id_a
-          and lb.source = i.source_b and lb.source_id = i.source_id_b
-          and (i.status = 'same') = (la.customer_id = lb.customer_id)
+          and (i.status = 'same') = (
+              (select la.customer_id from crm.customer_link la
+               where la.source = i.source_a and la.source_id = i.source_id_a)
+            = (select lb.customer_id from crm.customer_link lb
+               where lb.source = i.source_b and lb.source_id = i.source_id_b))
         """,
         (run_id,),
     )
