@@ -30,6 +30,21 @@ import yaml
 
 from faults.harness import END
 
+
+def _query(dsn: str, sql: str, params=()) -> list[tuple]:
+    """Run one statement in its own committed transaction; its rows (none for a statement without)."""
+    from crm_sync import db
+
+    conn = db.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            rows = cur.fetchall() if cur.description else []
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 11
 PEOPLE = {"erp": 80, "finance": 300}  # finance keys companies: ~1 in 12 people works for one, 30% are customers
@@ -136,15 +151,7 @@ class SqlSource:
         return db.connect(self.dsn)
 
     def execute(self, sql: str, params=()) -> list[tuple]:
-        conn = self.conn()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                rows = cur.fetchall() if cur.description else []
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
+        return _query(self.dsn, sql, params)
 
 
 class Case:
@@ -272,17 +279,7 @@ class Case:
     # --- the CRM ---
 
     def crm(self, sql: str, params=()) -> list[tuple]:
-        from crm_sync import db
-
-        conn = db.connect(self.crm_dsn)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                rows = cur.fetchall() if cur.description else []
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
+        return _query(self.crm_dsn, sql, params)
 
     def run_log(self, run_id: str, source: str) -> dict:
         from crm_sync import db
