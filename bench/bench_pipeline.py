@@ -38,9 +38,16 @@ The source YAMLs are read from a copy of `include/` (others may edit the checkou
 whose `statement_timeout_seconds` is raised to `--statement-timeout` (a 1M-row statement may
 outlast the default 900 s).
 
+- peer: dlt (`bench/dlt_peer.py`, in a virtualenv of its own under `.local/bench-dlt` made from
+  `bench/requirements-dlt.txt`) merging the same rows — the nightly run's and then the hourly run's
+  `stg.mapped_customer` and `stg.mapped_order` — into a third database of the same server, with
+  each loader file format of `--dlt-formats` (`csv` is its COPY-based loader, `insert_values` its
+  default); printed beside crm-sync's load stage. `--dlt-formats none` skips it.
+
 Nothing about time is asserted. The last line is one JSON object: `nightly_total_s`,
 `hourly_total_s`, `load_rows_per_s` (rows the nightly load published — customers plus orders —
-per second of the load stage), `copy_rows_per_s`, `peak_mb`, and per-stage figures.
+per second of the load stage), `copy_rows_per_s`, `change_load_rows_per_s` (the same for the
+hourly load's rows), `peak_mb`, per-stage figures and `dlt` (the peer's figures).
 """
 from __future__ import annotations
 
@@ -542,6 +549,64 @@ def run_log(conn, run_id: str) -> dict:
     return dict(zip(names, row)) if row else {}
 
 
+def dlt_peer(admin: str, crm_dsn: str, first: str, change: str, formats: str, tag: int) -> dict | None:
+    """dlt merging the rows of runs `first` and `change` into a database of its own; its figures (or None)."""
+    import subprocess
+
+    if formats in ("", "none"):
+        return None
+    venv = ROOT / ".local" / "bench-dlt"
+    python = venv / "bin" / "python"
+    requirements = ROOT / "bench" / "requirements-dlt.txt"
+    stamp = venv / ".installed"
+    uv = Path(sys.executable).parent / "uv"
+    if not stamp.exists() or stamp.read_text() != requirements.read_text():
+        print(f"  setup (not timed): installing the peer into {venv.relative_to(ROOT)} (bench/requirements-dlt.txt)",
+              flush=True)
+        subprocess.run([str(uv), "venv", "-q", "--allow-existing", "-p", sys.executable, str(venv)], check=True)
+        subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), "-r", str(requirements)],
+                       check=True)
+        stamp.write_text(requirements.read_text())
+    dest = f"dlt_bench_pipeline_{tag}"
+    db.ensure_database(admin, dest)
+    try:
+        done = subprocess.run([str(python), str(ROOT / "bench" / "dlt_peer.py"), "--source-dsn", crm_dsn,
+                               "--dest-dsn", db.with_database(admin, dest), "--first", first, "--change", change,
+                               "--formats", formats], capture_output=True, text=True)
+    finally:
+        db.drop_database(admin, dest)
+    if done.returncode != 0:
+        print(f"  dlt peer failed (exit {done.returncode}); its last lines:\n"
+              + "\n".join("    " + line for line in (done.stderr or done.stdout).strip().splitlines()[-8:]))
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_peer(peer: dict | None, crm: dict, copy_rate: float | None) -> None:
+    """crm-sync's load stage and dlt's merge of the same rows, side by side."""
+    print(f"\n  load stage against dlt {peer['dlt_version'] if peer else ''} (the same rows, the same server):")
+    print(f"    {'':<44} {'first load':>12} {'rows/s':>9} {'1 % change':>12} {'rows/s':>9}")
+
+    def line(label, first_s, first_rows, change_s, change_rows):
+        def cell(s, rows):
+            return (f"{s:>10.1f} s {rows / s:>9,.0f}" if s else f"{'–':>12} {'':>9}")
+        print(f"    {label:<44} {cell(first_s, first_rows)} {cell(change_s, change_rows)}")
+
+    line("crm-sync load stage (links, golden records)", crm["first_s"], crm["first_rows"], crm["change_s"],
+         crm["change_rows"])
+    for fmt, figures in (peer or {}).items():
+        if fmt == "dlt_version":
+            continue
+        first, change = figures["first_load"], figures["change"]
+        name = {"csv": "COPY-based loader", "insert_values": "default loader"}.get(fmt, fmt)
+        line(f"dlt merge, {fmt} ({name})", first["seconds"], first["rows"], change["seconds"], change["rows"])
+        line("  of which dlt's load step", first["load_s"], first["rows"], change["load_s"], change["rows"])
+    if copy_rate:
+        print(f"    {'plain COPY of the customer rows (ceiling)':<44} {'':>12} {copy_rate:>9,.0f}")
+    if peer is None:
+        print("    (dlt not run: --dlt-formats none, or it failed)")
+
+
 def admin_dsn() -> tuple[str, bool]:
     dsn = os.environ.get("CRM_SYNC_BENCH_DSN")
     if dsn:
@@ -560,6 +625,8 @@ def main(argv=None) -> int:
     parser.add_argument("--statement-timeout", type=int, default=3_600,
                         help="statement_timeout_seconds of the source YAML for this run")
     parser.add_argument("--keep", action="store_true", help="keep the two databases afterwards")
+    parser.add_argument("--dlt-formats", default="csv,insert_values",
+                        help="dlt loader file formats to compare the load stage with ('none' skips the peer)")
     args = parser.parse_args(argv)
     n, changes = args.customers, min(args.changes, args.customers)
 
@@ -631,11 +698,18 @@ def main(argv=None) -> int:
             live, customers = cur.fetchone()
         conn.commit()
         peak = memory.overall
+        with conn.cursor() as cur:   # the rows each run handed to its load: what the peer merges too
+            cur.execute("select (select count(*) from stg.mapped_customer where run_id = %(r)s)"
+                        " + (select count(*) from stg.mapped_order where run_id = %(r)s)", {"r": hourly_id})
+            change_rows = cur.fetchone()[0]
+        conn.commit()
+        peer = dlt_peer(admin, crm_dsn, nightly_id, hourly_id, args.dlt_formats, tag)
 
     nightly_s, hourly_s = _total(nightly), _total(hourly)
     loaded = published(nightly_out["load.publish"])
     load_rate = loaded / nightly["load"]["s"] if nightly["load"]["s"] else None
     copy_rate = copied / copy_s if copy_s else None
+    change_rate = change_rows / hourly["load"]["s"] if hourly["load"]["s"] else None
 
     def log_line(log: dict) -> str:
         return (f"extracted {log.get('rows_extracted') or 0:,}, loaded {log.get('rows_loaded') or 0:,}, "
@@ -660,14 +734,20 @@ def main(argv=None) -> int:
     if load_rate and copy_rate:
         print(f"  load stage {load_rate:,.0f} rows/s ({loaded:,} customers + orders) against a plain COPY of the "
               f"customer rows {copy_rate:,.0f} rows/s ({load_rate / copy_rate:.0%}; target ≥ 25 % on a first load)")
+    if change_rate and copy_rate:
+        print(f"  hourly load {change_rate:,.0f} rows/s ({change_rows:,} rows of a 1 % change) against the plain COPY "
+              f"({change_rate / copy_rate:.0%}; target ≥ 50 % on a 1 % change)")
+    print_peer(peer, {"first_s": nightly["load"]["s"], "first_rows": loaded, "change_s": hourly["load"]["s"],
+                      "change_rows": change_rows}, copy_rate)
     print(f"  wall time of the benchmark (setup included): {time.perf_counter() - wall0:,.0f} s")
     print(json.dumps({
         "customers": n, "orders": round(n * ORDERS_PER_CUSTOMER), "changes": changes,
         "nightly_total_s": nightly_s, "hourly_total_s": hourly_s,
         "load_rows_per_s": round(load_rate) if load_rate else None,
         "copy_rows_per_s": round(copy_rate) if copy_rate else None,
+        "change_load_rows_per_s": round(change_rate) if change_rate else None,
         "peak_mb": round(peak), "imports_s": round(imports_s, 1),
-        "stages": {"nightly": nightly, "hourly": hourly},
+        "stages": {"nightly": nightly, "hourly": hourly}, "dlt": peer,
     }))
     return 0
 
