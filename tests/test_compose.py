@@ -1,5 +1,6 @@
-"""The Docker Compose stack, checked by reading it (Docker is not needed to run these tests); the
-seed job's script also runs against a real PostgreSQL (an integration test)."""
+"""The Docker Compose stack and its image, checked by reading docker-compose.yaml, the Dockerfile and
+.dockerignore (Docker is not needed to run these tests); the seed job's script also runs against a
+real PostgreSQL (an integration test)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,8 @@ AIRFLOW_SERVICES = {
 }
 ALL_AIRFLOW = [*AIRFLOW_SERVICES, "airflow-init"]
 API_SIMULATORS = ["ticketing-sim", "im-sim", "callcenter-sim"]
+# every container that imports crm-sync: the Airflow components, the seed job, the simulators
+RUNS_CRM_SYNC = [*ALL_AIRFLOW, "crm-sync-seed", *API_SIMULATORS]
 SOURCES = sorted((ROOT / "include" / "sources").glob("*.yaml"))
 # `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?message}`, `${VAR?message}`, and `$$` for a literal `$`
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -111,9 +114,8 @@ def test_every_service_of_the_stack_is_there(services):
 
 
 @pytest.mark.parametrize("name", ALL_AIRFLOW)
-def test_airflow_services_share_image_executor_and_mounts(services, name):
+def test_airflow_services_share_executor_and_mounts(services, name):
     service = services[name]
-    assert "apache/airflow:3.3.2-python3.11" in service["image"]
     env = service["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
@@ -148,12 +150,15 @@ def test_simulator_and_seed_commands(services):
     assert seed["restart"] == "no"
 
 
-def test_init_migrates_and_installs_requirements(services):
+def test_init_migrates_and_installs_nothing(services):
     init = services["airflow-init"]
     script = init["command"][-1]
     assert "airflow db migrate" in script
-    assert "pip install" in script and "requirements.txt" in script
     assert init["restart"] == "no"
+    # what crm-sync needs is in the image: no container installs packages when it starts
+    for name, service in services.items():
+        command = service.get("command") or []
+        assert "pip install" not in " ".join(command if isinstance(command, list) else [command]), name
 
 
 def test_healthchecks_and_startup_order(services):
@@ -211,12 +216,136 @@ def test_each_api_simulator_serves_the_connection_of_its_source(resolved, source
             assert conn["login"] in sim["environment"].values(), cfg["conn_id"]
 
 
-def test_simulators_and_seed_get_the_extra_requirements(services):
-    for name in [*API_SIMULATORS, "crm-sync-seed"]:
-        service = services[name]
-        assert "/opt/airflow/pylibs" in service["environment"]["PYTHONPATH"].split(":"), name
-        assert _mounts(service)["/opt/airflow/pylibs"] == "pylibs", name
-        assert service["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully", name
+def _runs_crm_sync(service: dict) -> bool:
+    """Whether a container imports crm-sync: an Airflow component (it parses the DAGs, runs their tasks
+    or migrates for them) or a command that names crm_sync."""
+    env = service.get("environment") or {}
+    command = service.get("command") or []
+    text = " ".join(command) if isinstance(command, list) else str(command)
+    return (any(key.startswith(("AIRFLOW__", "AIRFLOW_CONN_")) for key in env) or "crm_sync" in text
+            or re.search(r"\bairflow\b", text) is not None)
+
+
+def test_every_service_that_runs_crm_sync_uses_the_image_built_from_the_dockerfile(services, resolved):
+    """The stock Airflow image lacks pypinyin, opencc and the rest of requirements.txt: on it the seed
+    job failed, the worker waited for it and no task ran."""
+    running = sorted(name for name, service in services.items() if _runs_crm_sync(service))
+    assert set(RUNS_CRM_SYNC) <= set(running), running
+    images = {services[name].get("image") for name in running}
+    # one name: compose builds the image once and every container runs the same one
+    assert len(images) == 1, images
+    assert not resolved[running[0]]["image"].startswith("apache/"), "the stock image lacks crm-sync's requirements"
+    for name in running:
+        build = services[name].get("build")
+        assert build, f"{name} runs crm-sync on an image that is not built from the Dockerfile"
+        build = {"context": build} if isinstance(build, str) else build
+        dockerfile = ROOT / build["context"] / build.get("dockerfile", "Dockerfile")
+        assert dockerfile.resolve() == ROOT / "Dockerfile", name
+
+
+@pytest.mark.parametrize("name", RUNS_CRM_SYNC)
+def test_the_checkouts_code_runs_in_every_container(services, name):
+    """The image has a copy of crm-sync; the mounted checkout comes first on the path, the same in
+    every container, so a worker never runs other code than the seed job or the simulators."""
+    service = services[name]
+    mounts = _mounts(service)
+    assert mounts["/opt/airflow/plugins"] == "./plugins" and mounts["/opt/airflow/include"] == "./include", name
+    assert service["environment"]["PYTHONPATH"].split(":")[0] == "/opt/airflow/plugins", name
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text(encoding="utf-8"))
+    steps = []
+    for line in map(str.strip, text.splitlines()):
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            steps.append((word.upper(), rest.strip()))
+    return steps
+
+
+def _copies(steps) -> dict[str, str]:
+    """build-context source -> destination in the image, of every COPY from the context."""
+    out = {}
+    for instruction, arg in steps:
+        if instruction == "COPY" and "--from" not in arg:
+            *sources, dest = [part for part in arg.split() if not part.startswith("--")]
+            out.update(dict.fromkeys(sources, dest))
+    return out
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    return {m[1].lower(): m[2] for m in (re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line) for line in lines) if m}
+
+
+def test_the_image_is_the_pinned_airflow_plus_requirements_and_the_package(services):
+    steps = _dockerfile()
+    pins = _pins()
+    args = dict(arg.split("=", 1) for instruction, arg in steps if instruction == "ARG" and "=" in arg)
+    base = next(arg for instruction, arg in steps if instruction == "FROM")
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], base)
+    assert base == f"apache/airflow:{pins['apache-airflow']}-python3.11"
+    assert '">=3.11,<3.12"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    copies = _copies(steps)
+    # requirements.txt, the whole of it but the installer's own pip and setuptools, as the airflow user,
+    # naming the base image's Airflow version beside it (requirements.txt pins Airflow too)
+    install = next(arg for instruction, arg in steps if instruction == "RUN" and re.search(r"pip install .*-r ", arg))
+    assert '"apache-airflow==${AIRFLOW_VERSION}"' in install
+    requirements = re.search(r"-r (\S+)", install)[1]
+    if requirements != copies["requirements.txt"]:
+        made = re.search(rf"grep -vE '([^']+)' {re.escape(copies['requirements.txt'])} > {re.escape(requirements)}",
+                         install)
+        assert made, install
+        dropped = {name for name, version in pins.items() if re.search(made[1], f"{name}=={version}")}
+        assert dropped <= {"pip", "setuptools"}, dropped
+    # the crm-sync package from pyproject.toml and plugins/crm_sync
+    project = copies["pyproject.toml"].rsplit("/", 1)[0]
+    assert copies["plugins/crm_sync"] == f"{project}/plugins/crm_sync"
+    assert any(instruction == "RUN" and re.search(rf"pip install .*{re.escape(project)}(\s|$)", arg)
+               for instruction, arg in steps)
+    # what the package reads at run time, where the containers' CRM_SYNC_HOME says
+    home = services["airflow-worker"]["environment"]["CRM_SYNC_HOME"]
+    assert ("ENV", f"CRM_SYNC_HOME={home}") in steps
+    assert copies["include"] == f"{home}/include" and copies["dags"] == f"{home}/dags"
+    user = "airflow"   # the base image's
+    for instruction, arg in steps:
+        user = arg.split(":")[0] if instruction == "USER" else user
+        if instruction == "RUN" and "pip install" in arg:
+            assert user == "airflow", arg   # the image's documented way; as root its pip refuses
+    assert user == "airflow"
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether docker leaves `path` out of the build context: the last pattern that matches it or one
+    of its parent folders decides, and `!` takes it back in."""
+    wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}   # `*` and `?` stay in a folder
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    ignored = False
+    for pattern in patterns:
+        tokens = re.split(r"(\*\*/|\*\*|\*|\?)", pattern.lstrip("!").strip("/"))
+        glob = "".join(wildcards.get(token, re.escape(token)) for token in tokens)
+        if any(re.fullmatch(glob, prefix) for prefix in prefixes):
+            ignored = not pattern.startswith("!")
+    return ignored
+
+
+def test_the_build_context_has_what_the_dockerfile_copies_and_no_local_state():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    for source in _copies(_dockerfile()):
+        path = ROOT / source
+        files = [path] if path.is_file() else \
+            [f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+        assert files, source
+        for file in files:
+            assert not _dockerignored(file.relative_to(ROOT).as_posix(), patterns), file
+    # the venv, the embedded PostgreSQL's data, git, the stack's secrets, build leftovers
+    for path in (".venv/bin/python", ".local/pg/PG_VERSION", ".git/HEAD", ".env", "tests/test_compose.py",
+                 "plugins/crm_sync.egg-info/PKG-INFO", "plugins/crm_sync/__pycache__/db.cpython-311.pyc",
+                 "dags/__pycache__/crm_sync__erp.cpython-311.pyc"):
+        assert _dockerignored(path, patterns), path
 
 
 def test_every_pool_the_sources_name_is_created_by_the_init(services, sources):
@@ -311,7 +440,10 @@ def test_landing_folder_is_a_volume_seeded_once_and_mounted_where_the_connection
     script = init["command"][-1]
     # a new named volume is root's; the seed and the workers run as AIRFLOW_UID
     assert re.search(rf"chown -R .*{re.escape(init_path)}", script)
-    assert "openpyxl" in script   # the workbooks are written by the seed and read by the workers
+    # the workbooks are written by the seed and read by the workers: the image's build imports both sides
+    assert "openpyxl" in _pins()
+    built = " ".join(arg for instruction, arg in _dockerfile() if instruction == "RUN")
+    assert "crm_sync.simulators.spreadsheet" in built and "crm_sync.sources.sheets" in built
 
 
 @pytest.mark.integration
