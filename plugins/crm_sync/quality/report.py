@@ -23,6 +23,10 @@ and site build on top of the validation, writes ~4 MB of static assets into ever
 renders the failing values unmasked. `ValidationResultsPageRenderer` on a trimmed, masked copy of
 the result makes the same page in ~0.15-0.2 s (100,000 rows, 13,000 failing) as one ~40 KB file.
 `CRM_SYNC_DATA_DOCS=off` skips the page (the report is still built).
+
+Importing GX costs a task process seconds (~6 s on an idle 2-core machine, far more on a busy
+one), so only a page that shows something failed pays for it: a validation in which every
+expectation passed on every row gets a page with the same facts written here (`render_clean_page`).
 """
 from __future__ import annotations
 
@@ -127,36 +131,54 @@ def _masked_exception(info: dict | None) -> dict | None:
 
 
 def masked_validation(result, info=None):
-    """A copy of a GX suite validation result fit for a page: lists of every failing row dropped,
-    examples cut to 20, every value of a phone, e-mail or name column masked."""
-    from great_expectations.core.expectation_validation_result import (
-        ExpectationSuiteValidationResult, ExpectationValidationResult)
+    """A copy of a suite's results (`sqlchecks.SuiteResult`) fit for a page: lists of every failing
+    row dropped, examples cut to 20, every value of a phone, e-mail or name column masked, no
+    payloads."""
+    from crm_sync.quality.sqlchecks import CheckResult, SuiteResult
 
     info = info or quarantine.StreamFields()
-    results = []
-    for r in result.results:
-        column = _column_of(dict(r.expectation_config.kwargs))
-        results.append(ExpectationValidationResult(
-            success=r.success, expectation_config=r.expectation_config,
-            result=_masked_result_dict(r.result, info, column), meta=r.meta,
-            exception_info=_masked_exception(r.exception_info)))
+    results = [CheckResult(r.check, r.success, _masked_result_dict(r.result, info, _column_of(r.check.kwargs)),
+                           _masked_exception(r.exception_info)) for r in result.results]
+    return SuiteResult(result.suite_name, results, result.element_count, meta=dict(result.meta))
+
+
+def to_gx(masked):
+    """GX's own `ExpectationSuiteValidationResult` of (masked) results, for its page renderer.
+    Imports Great Expectations (seconds): only a page that shows a failure needs it."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult, ExpectationValidationResult)
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    _quiet_gx()
+    results = [ExpectationValidationResult(
+        success=r.success, expectation_config=ExpectationConfiguration(
+            type=r.check.type, kwargs=dict(r.check.kwargs), meta=dict(r.check.meta)),
+        result=r.result, meta={}, exception_info=r.exception_info) for r in masked.results]
     return ExpectationSuiteValidationResult(
-        success=result.success, results=results, suite_name=result.suite_name, statistics=result.statistics,
-        meta=result.meta, batch_id=result.batch_id)
+        success=masked.success, results=results, suite_name=masked.suite_name, statistics=masked.statistics,
+        meta={"great_expectations_version": gx.__version__, **masked.meta})
+
+
+def _quiet_gx() -> None:
+    """GX sets some of its loggers to INFO when imported; a task log is for crm-sync's lines."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "great_expectations" or name.startswith("great_expectations."):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _validation_json(masked, run_id: str, source: str, stream: str) -> dict:
     checks = []
     for r in masked.results:
-        exp = r.expectation_config
         res = r.result or {}
         checks.append({
-            "expectation": exp.type, "kwargs": {k: v for k, v in exp.kwargs.items() if k != "batch_id"},
-            "severity": (exp.meta or {}).get("severity"), "success": r.success,
+            "expectation": r.check.type, "kwargs": dict(r.check.kwargs),
+            "severity": (r.check.meta or {}).get("severity"), "success": r.success,
             "element_count": res.get("element_count"), "unexpected_count": res.get("unexpected_count"),
             "unexpected_percent": res.get("unexpected_percent"),
             "examples": res.get("partial_unexpected_list", []), "observed_value": res.get("observed_value"),
-            "exception": (r.exception_info or {}).get("exception_message") if r.exception_info else None})
+            "exception": r.error})
     return {"run_id": run_id, "source": source, "stream": stream, "suite": masked.suite_name,
             "success": masked.success, "statistics": masked.statistics, "results": checks}
 
@@ -166,20 +188,78 @@ def data_docs_enabled() -> bool:
 
 
 def write_data_docs(run_id: str, source: str, stream: str, result, info=None) -> Path | None:
-    """The GX Data Docs page (and compact JSON) of one validation; returns the page's path."""
+    """The Data Docs page (and compact JSON) of one validation; returns the page's path.
+
+    Where an expectation failed, let a row fail (within its `mostly`) or could not run, the page is
+    GX's own (`ValidationResultsPageRenderer`); where every expectation passed on every row, it is
+    a page of the same facts written without importing GX (seconds per task process)."""
     folder = run_dir(source, run_id) / "gx"
     folder.mkdir(parents=True, exist_ok=True)
     masked = masked_validation(result, info)
     _write(folder / f"{_safe(stream)}.json", _dumps(_validation_json(masked, run_id, source, stream)))
     if not data_docs_enabled():
         return None
-    from great_expectations.render.renderer import ValidationResultsPageRenderer
-    from great_expectations.render.view import DefaultJinjaPageView
+    if masked.clean:
+        page = render_clean_page(masked, run_id, source, stream)
+    else:
+        from great_expectations.render.renderer import ValidationResultsPageRenderer
+        from great_expectations.render.view import DefaultJinjaPageView
 
-    page = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(masked))
+        page = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(to_gx(masked)))
     path = folder / f"{_safe(stream)}.html"
     _write(path, page)
     return path
+
+
+def _describe(check) -> str:
+    """An expectation in words, as GX's page says it (for the page of a clean validation)."""
+    kw = check.kwargs
+    mostly = kw.get("mostly")
+    tail = f", at least {mostly * 100:g} % of the time" if mostly is not None and mostly < 1 else ""
+    low, high = kw.get("min_value"), kw.get("max_value")
+    bounds = (f"greater than or equal to {low} and less than or equal to {high}" if low is not None and high is not None
+              else f"greater than or equal to {low}" if low is not None else f"less than or equal to {high}")
+    text = {
+        "expect_column_values_to_not_be_null": "values must never be null",
+        "expect_column_values_to_be_null": "values must be null",
+        "expect_column_values_to_be_unique": "values must be unique",
+        "expect_column_values_to_be_in_set": f"values must belong to this set: {kw.get('value_set')}",
+        "expect_column_values_to_not_be_in_set": f"values must not belong to this set: {kw.get('value_set')}",
+        "expect_column_values_to_be_between": f"values must be {bounds}",
+        "expect_column_value_lengths_to_be_between": f"values must be {bounds} characters long",
+        "expect_column_value_lengths_to_equal": f"values must be {kw.get('value')} characters long",
+        "expect_column_values_to_match_regex": f"values must match this regular expression: {kw.get('regex')}",
+        "expect_column_values_to_not_match_regex": f"values must not match this regular expression: {kw.get('regex')}",
+        "expect_table_row_count_to_be_between": f"Must have {bounds} rows",
+        "expect_table_row_count_to_equal": f"Must have exactly {kw.get('value')} rows",
+    }.get(check.type, check.type)
+    return text + tail
+
+
+def render_clean_page(masked, run_id: str, source: str, stream: str) -> str:
+    """The Data Docs page of a validation in which every expectation passed on every row."""
+    stats = masked.statistics
+    rows = []
+    for r in masked.results:
+        res = r.result or {}
+        observed = (f"{res['observed_value']}" if "observed_value" in res
+                    else f"0 unexpected of {res.get('element_count')} rows"
+                    + (f" ({res['missing_count']} missing)" if res.get("missing_count") else ""))
+        rows.append([_e(r.check.column or "table"), "<span class='ok'>passed</span>",
+                     f"<code>{_e(r.check.type)}</code><br>{_e(_describe(r.check))}",
+                     _e((r.check.meta or {}).get("severity")), _e(observed)])
+    return "\n".join([
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Validation results: {_e(masked.suite_name)} — "
+        f"{_e(source)} / {_e(stream)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Validation results: suite {_e(masked.suite_name)}</h1>",
+        f"<p>source <code>{_e(source)}</code> · stream <code>{_e(stream)}</code> · run <code>{_e(run_id)}</code>"
+        f" · {_e(masked.element_count)} rows</p>",
+        f"<p class='ok'>Every expectation passed on every row: {_e(stats['successful_expectations'])} of "
+        f"{_e(stats['evaluated_expectations'])} successful, none failed.</p>",
+        _table(["column", "status", "expectation", "severity", "observed"], rows),
+        "<p class='muted'>Evaluated in PostgreSQL by crm-sync's SQL checks with Great Expectations' semantics. "
+        "A validation with a failing row gets Great Expectations' own Data Docs page.</p>",
+        "</body></html>"])
 
 
 def after_validation(conn, run_id: str, cfg, stream, suite_doc: dict, result) -> Report | None:

@@ -21,6 +21,12 @@ Each expectation carries `meta.severity`: `critical` or `warning`. Guarantees:
 - the error says which tolerance was exceeded, by how much, with counts and example record keys,
   and where the quarantined rows are;
 - warnings are recorded, never block, never quarantine.
+
+The expectations run in PostgreSQL (`quality/sqlchecks.py`: set-based statements over the run's
+staged rows, GX's verdicts and result shapes), not in pandas: the batch never leaves the
+database, only its failing rows do. An expectation type the SQL checks do not know is a
+`SuiteError` naming the suite and the expectation. Great Expectations itself is imported only to
+render the Data Docs page of a validation where something failed (`quality/report.py`).
 """
 from __future__ import annotations
 
@@ -30,12 +36,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from functools import lru_cache
 
-from crm_sync import paths, quarantine, staging
+from crm_sync import entities, paths, quarantine, staging
 from crm_sync.config import SourceConfig, StreamConfig
-from crm_sync import entities
 from crm_sync.masking import mask_email, mask_phone, mask_text
+from crm_sync.quality import sqlchecks
+from crm_sync.quality.sqlchecks import SuiteError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +50,7 @@ class DataQualityError(RuntimeError):
     """The batch is blocked, nothing of it loads: a quality tolerance was exceeded or a batch-level check failed."""
 
 
-class SuiteError(ValueError):
-    """An expectation suite file is missing or malformed."""
+__all__ = ["DataQualityError", "SuiteError", "ValidationOutcome", "load_suite_doc", "validate_stream"]
 
 
 @dataclass
@@ -70,10 +75,14 @@ def load_suite_doc(name: str) -> dict:
         if severity not in ("critical", "warning"):
             raise SuiteError(f"{path}: expectations[{i}] ({exp.get('type')}): meta.severity must be "
                              f"'critical' or 'warning', got {severity!r}")
+    sqlchecks.parse_suite(doc, f"suite {name!r} ({path})")  # every type and argument evaluable, or SuiteError
     return doc
 
 
 def _run_gx(df, suite_doc: dict, asset_name: str):
+    """Great Expectations' own pandas validation of a DataFrame: no longer what the stage runs, kept
+    as the reference the SQL checks are compared with (tests/test_validate_sql_checks.py) and for
+    the task-log test of GX's logging."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
@@ -96,30 +105,11 @@ def _run_gx(df, suite_doc: dict, asset_name: str):
                                                 "unexpected_index_column_names": ["source_pk"]})
 
 
-def _frame(cur, table: str, run_id: str, source: str, stream: str):
-    import pandas as pd
-
-    cur.execute(f"select * from {table} where run_id = %s and source = %s and stream = %s order by source_pk",
-                (run_id, source, stream))
-    names = [d[0] for d in cur.description]
-    return pd.DataFrame.from_records(cur.fetchall(), columns=names)
-
-
-_ROW_LEVEL_BASES = ("ColumnMapExpectation", "ColumnPairMapExpectation", "MulticolumnMapExpectation")
-
-
-@lru_cache(maxsize=None)
 def is_row_level(expectation_type: str) -> bool:
-    """True for GX map expectations, which judge each row on its own (not null, in set, between, regex,
-    lengths, unique, …): their failing rows can be set aside. Aggregates and table expectations
-    (row count, sums, means, distinct values) judge the batch as a whole."""
-    from great_expectations.expectations.registry import get_expectation_impl
-
-    try:
-        impl = get_expectation_impl(expectation_type)
-    except Exception:  # unknown to GX: its result will say so; never treat it as row-level
-        return False
-    return any(base.__name__ in _ROW_LEVEL_BASES for base in impl.__mro__)
+    """True for expectations that judge each row on its own (not null, in set, between, regex,
+    lengths, unique, …): their failing rows can be set aside. Table expectations (row count)
+    judge the batch as a whole."""
+    return sqlchecks.level_of(expectation_type) == "row"
 
 
 def _allowed(tolerance: float, rows: int) -> int:
@@ -132,16 +122,7 @@ def _pct(share: float) -> str:
 
 
 def _missing(value) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, (str, dict, list, tuple)):
-        return False
-    import pandas as pd
-
-    try:
-        return bool(pd.isna(value))  # NaN, NaT, pd.NA
-    except (TypeError, ValueError):
-        return False
+    return sqlchecks.is_missing(value)
 
 
 def _shown(column: str, value) -> str:
@@ -228,34 +209,39 @@ def _examples(keys: list) -> str:
     return f"records {shown}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
+def _severity(check: sqlchecks.Check) -> str:
+    return check.meta.get("severity", "critical")
+
+
 def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> ValidationOutcome:
     suite_doc = load_suite_doc(stream.expectation_suite)
+    checks = sqlchecks.parse_suite(suite_doc, f"suite {stream.expectation_suite!r}")
     table = entities.get(stream.entity).staging
     max_bad = stream.max_bad_share
     with conn.cursor() as cur:
-        df = _frame(cur, table, run_id, cfg.source, stream.name)
         cur.execute("delete from sync.dq_result where run_id = %s and source = %s and stream = %s",
                     (run_id, cfg.source, stream.name))
         quarantine.clear(cur, run_id, cfg.source, stream.name, stage="validate")
-        outcome = ValidationOutcome(rows=len(df), quarantined=0)
-        if df.empty:
+        result = sqlchecks.run_suite(cur, table, run_id, cfg.source, stream.name, suite_doc["name"], checks,
+                                     critical=lambda check: _severity(check) == "critical")
+        rows = result.element_count
+        outcome = ValidationOutcome(rows=rows, quarantined=0)
+        if not rows:
             return outcome
-        result = _run_gx(df, suite_doc, f"{cfg.source}_{stream.name}")
-        payloads = {row["source_pk"]: row for row in json.loads(df.to_json(orient="records", date_format="iso"))}
         rejects: list[quarantine.Reject] = []
         dq_rows = []
         # tolerances of the row expectations that quarantined rows and declare their own `mostly`
         declared: list[tuple[float, str]] = []
         for r in result.results:
-            exp = r.expectation_config
-            severity = exp.meta.get("severity", "critical")
-            kwargs = {k: v for k, v in exp.kwargs.items() if k != "batch_id"}
+            check = r.check
+            severity = _severity(check)
+            kwargs = check.kwargs
             column = _column_of(kwargs)
-            name = exp.type
+            name = check.type
             label = f"{name}({column})" if column else name
             res = r.result or {}
             error = _exception_message(r.exception_info)
-            total = res.get("element_count") or len(df)
+            total = res.get("element_count") or rows
             unexpected = res.get("unexpected_count")
             row_level = is_row_level(name)
             decision, tolerance = "passed" if r.success and not error else "failed", None
@@ -308,7 +294,7 @@ def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) 
                         rejects.append(quarantine.Reject(
                             stream.name, pk, "validate", column or None,
                             f"{quarantine.where(cfg.source, stream.name, pk, column or None)}: {name} failed: {why}",
-                            payloads.get(pk), expectation=name))
+                            result.payloads.get(pk), expectation=name))
             dq_rows.append((run_id, cfg.source, stream.name, name, column, severity, bool(r.success),
                             res.get("element_count"), unexpected,
                             staging.to_json({"kwargs": kwargs,
@@ -321,13 +307,13 @@ def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) 
         outcome.quarantined = len({r.source_pk for r in rejects})
         if outcome.quarantined:
             loosest = max([(max_bad, f"the stream's max_bad_share = {max_bad}")] + declared)
-            allowed = _allowed(loosest[0], len(df))
+            allowed = _allowed(loosest[0], rows)
             if outcome.quarantined > allowed:
-                share = outcome.quarantined / len(df)
+                share = outcome.quarantined / rows
                 whose = loosest[1] if loosest[1].startswith("the stream") else f"the own mostly of {loosest[1]}"
                 outcome.breaches.append(
                     f"together the critical expectations quarantined {outcome.quarantined} distinct rows of "
-                    f"{len(df)} ({_pct(share)}), more than the {_pct(loosest[0])} ({allowed} rows) tolerated by "
+                    f"{rows} ({_pct(share)}), more than the {_pct(loosest[0])} ({allowed} rows) tolerated by "
                     f"{whose}: over by {(share - loosest[0]) * 100:.1f} percentage points, "
                     f"{outcome.quarantined - allowed} rows too many")
         staging.copy_rows(cur, "sync.dq_result",
@@ -339,7 +325,7 @@ def validate_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) 
         conn.commit()  # keep the evidence before failing the task
         raise DataQualityError(
             f"source '{cfg.source}' stream '{stream.name}': batch blocked by suite "
-            f"'{stream.expectation_suite}' ({len(df)} rows validated): " + "; ".join(outcome.breaches)
+            f"'{stream.expectation_suite}' ({rows} rows validated): " + "; ".join(outcome.breaches)
             + f". {outcome.quarantined} rows quarantined at stage 'validate': select source_pk, field, expectation,"
             f" reason from sync.quarantine where run_id = '{run_id}' and source = '{cfg.source}' and stream = "
             f"'{stream.name}' and stage = 'validate'; nothing was loaded and the watermark did not move."
