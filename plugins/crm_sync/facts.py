@@ -61,7 +61,32 @@ def _column_exprs(spec: EntitySpec, alias: str) -> list[str]:
             for c in spec.columns]
 
 
-def _upsert(spec: EntitySpec, select_from: str) -> str:
+# A stream whose rows all point at a source's customer record by its id: the customer is the record's
+# link, at most one (the link's primary key). A bulk batch joins the links whole (a hash join);
+# a small one looks each reference up by key (`limit 1` keeps the subquery a per-row lookup: as a
+# plain join the planner may hash every link of the source for an hourly batch).
+_LOOKUP_BY_SOURCE_ID = {
+    True: """
+    left join crm.customer_link c on c.source = h.ref_source and c.source_id = h.ref_value
+""",
+    False: """
+    left join lateral (select l.customer_id from crm.customer_link l
+                       where l.source = h.ref_source and l.source_id = h.ref_value limit 1) c on true
+""",
+}
+# a batch joins the master whole when it is this big and over a fifth of the links (as `survivorship.KEYED_MAX`)
+BULK_MIN = 50_000
+
+
+def _bulk(cur, spec: EntitySpec, params: dict) -> bool:
+    cur.execute(f"""select count(*), (select reltuples from pg_class where oid = 'crm.customer_link'::regclass)
+                    from {spec.staging} m
+                    where m.run_id = %(run)s and m.source = %(source)s and m.stream = %(stream)s""", params)
+    rows, links = cur.fetchone()
+    return rows > BULK_MIN and rows > 0.2 * max(links, 0)
+
+
+def _upsert(spec: EntitySpec, select_from: str, where: str = "true") -> str:
     """Upsert rows of `select_from` (staging-shaped, plus customer_id, ref_by, ref_source) into the target."""
     names = [*spec.columns, "row_hash", "loaded_run_id"]
     return f"""
@@ -69,7 +94,8 @@ def _upsert(spec: EntitySpec, select_from: str) -> str:
         select f.source, f.source_pk, f.customer_id, f.ref_by, f.ref_source, {", ".join(_column_exprs(spec, "f"))},
                f.row_hash, f.run_id
         from {select_from} f
-        where f.customer_id is not null
+        where f.customer_id is not null and {where}
+        order by f.source_pk
         on conflict (source, {spec.key}) do update set
             customer_id = excluded.customer_id, ref_by = excluded.ref_by, ref_source = excluded.ref_source,
             {", ".join(f"{c} = excluded.{c}" for c in names)}, deleted_at = null, deleted_run_id = null
@@ -104,21 +130,28 @@ def _create_stubs(cur, run_id: str) -> int:
 def load_stream(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> FactResult:
     spec = entities.get(stream.entity)
     ref_by, ref_source = _ref(cfg, stream)
+    params = {"run": run_id, "source": cfg.source, "stream": stream.name, "ref_by": ref_by, "ref_source": ref_source}
+    lookup = _LOOKUP_BY_SOURCE_ID[_bulk(cur, spec, params)] if ref_by == "source_id" else _LOOKUP
     cur.execute("drop table if exists pg_temp.load_fact")
+    # `unchanged`: the target already holds this version on this customer, live — the upsert skips the
+    # row instead of locking it (`on conflict do update … where` locks the rows it then leaves alone)
     cur.execute(
         f"""
         create temp table load_fact on commit drop as
-        select h.*, c.customer_id
-        from (select m.*, m.source_customer_id as ref_value, %(ref_by)s::text as ref_by,
-                     %(ref_source)s::text as ref_source
-              from {spec.staging} m
-              where m.run_id = %(run)s and m.source = %(source)s and m.stream = %(stream)s and {ACCEPTED}) h
-        {_LOOKUP}
+        select x.*, coalesce(t.deleted_at is null and t.row_hash = x.row_hash and t.customer_id = x.customer_id,
+                             false) as unchanged
+        from (select h.*, c.customer_id
+              from (select m.*, m.source_customer_id as ref_value, %(ref_by)s::text as ref_by,
+                           %(ref_source)s::text as ref_source
+                    from {spec.staging} m
+                    where m.run_id = %(run)s and m.source = %(source)s and m.stream = %(stream)s and {ACCEPTED}) h
+              {lookup}) x
+        left join {spec.target} t on t.source = x.source and t.{spec.key} = x.source_pk
         """,
-        {"run": run_id, "source": cfg.source, "stream": stream.name, "ref_by": ref_by, "ref_source": ref_source},
+        params,
     )
     stubbed = _create_stubs(cur, run_id) if cfg.orphans == "stub" else 0
-    cur.execute(_upsert(spec, "load_fact"))
+    cur.execute(_upsert(spec, "load_fact", "not f.unchanged"))
     cur.execute("select count(*) filter (where customer_id is not null), count(*) filter (where customer_id is null)"
                 " from load_fact")
     loaded, held = cur.fetchone()
@@ -138,7 +171,8 @@ def load_stream(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Fa
                 row_data, row_hash, held_run_id)
             select f.source, f.stream, %(entity)s, f.source_pk, f.ref_by, f.ref_source,
                    coalesce(f.source_customer_id, ''),
-                   to_jsonb(f) - 'customer_id' - 'ref_by' - 'ref_source' - 'ref_value', f.row_hash, f.run_id
+                   to_jsonb(f) - 'customer_id' - 'ref_by' - 'ref_source' - 'ref_value' - 'unchanged',
+                   f.row_hash, f.run_id
             from load_fact f where f.customer_id is null
             on conflict (source, stream, source_pk) do update set
                 entity = excluded.entity, ref_by = excluded.ref_by, ref_source = excluded.ref_source,
@@ -164,18 +198,19 @@ def load_stream(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Fa
 def release(cur, run_id: str) -> int:
     """Load held facts (of any source) whose customer arrived with this run; merge stubs it resolves.
 
-    Only references this run's customers can satisfy are looked at — its accepted customer records'
-    ids and phone numbers (`load_accepted_customer`, written by the load) — so the cost follows the
+    Only references this run's customers can satisfy are looked at — the ids and phone numbers of the
+    customer records it wrote (`load_changed_customer`, written by the load: a record the master
+    already held unchanged satisfied its references when it was loaded) — so the cost follows the
     batch, not the number of facts held.
     """
     cur.execute("drop table if exists pg_temp.arrived_ref")
     cur.execute(
         """create temp table arrived_ref on commit drop as
            select distinct 'source_id'::text as ref_by, a.source as ref_source, a.source_pk as ref_value
-           from load_accepted_customer a
+           from load_changed_customer a
            union
            select distinct 'phone', null::text, a.phone_e164 || coalesce(';ext=' || a.phone_ext, '')
-           from load_accepted_customer a
+           from load_changed_customer a
            where a.phone_e164 is not null"""
     )
     released = 0

@@ -35,36 +35,61 @@ class LoadResult:
         return self.customers + sum(self.facts.values())
 
 
-def _load_customers(cur, run_id: str, source: str) -> int:
-    # The run's accepted rows are computed once (one scan of staging, one anti-join with the
-    # quarantine) and read by the three upserts below; sorted by key, so index inserts stay local.
+CHANGED = "load_changed_customer"   # temp table: the run's accepted customer rows the master lacks
+
+
+def _load_customers(cur, run_id: str, source: str) -> tuple[int, int]:
+    """Publish the run's customer rows; returns (accepted rows, rows written).
+
+    Only what changed is written. The accepted rows are compared with the master once (by primary
+    key): a row whose (row_hash, customer_id) the master already holds, live, is not touched at all —
+    not even locked, as `on conflict do update … where` would. Of the rest, customers the master does
+    not have yet are inserted with their golden fields (one heap version each); the golden fields of
+    existing customers are recomputed only for those whose records changed — the customer a changed
+    record points at and the one it left."""
+    cur.execute(f"select count(*) from stg.mapped_customer m where m.run_id = %s and m.source = %s and {ACCEPTED}",
+                (run_id, source))
+    accepted = cur.fetchone()[0]
+    cur.execute(f"drop table if exists pg_temp.{CHANGED}")
+    # sorted by key, so index inserts stay local
     cur.execute(
         f"""
-        create temp table load_accepted_customer on commit drop as
-        select m.* from stg.mapped_customer m
+        create temp table {CHANGED} on commit drop as
+        select m.*, s.customer_id as old_customer_id
+        from stg.mapped_customer m
+        left join crm.source_customer s on s.source = m.source and s.source_id = m.source_pk
         where m.run_id = %s and m.source = %s and {ACCEPTED}
+          and (s.source_id is null or s.deleted_at is not null
+               or (s.row_hash, s.customer_id) is distinct from (m.row_hash, m.customer_id))
         order by m.source_pk
         """,
         (run_id, source),
     )
+    if not cur.rowcount:
+        return accepted, 0
+    cur.execute(f"analyze {CHANGED}")
+    # existing customers whose records change: the one a changed record points at, the one it left
+    cur.execute("drop table if exists pg_temp.load_refresh_customer")
     cur.execute(
-        """
-        insert into crm.customer (customer_id, first_run_id, last_run_id)
-        select distinct m.customer_id, m.run_id, m.run_id
-        from load_accepted_customer m
-        order by m.customer_id
-        on conflict (customer_id) do nothing
-        """
+        f"""create temp table load_refresh_customer on commit drop as
+            select distinct m.customer_id from {CHANGED} m
+            where exists (select 1 from crm.customer c where c.customer_id = m.customer_id)
+            union
+            select old_customer_id from {CHANGED}
+            where old_customer_id is not null and old_customer_id <> customer_id"""
     )
+    from crm_sync import survivorship
+
+    survivorship.insert_new(cur, run_id, CHANGED)
     cur.execute(
-        """
+        f"""
         insert into crm.source_customer as t (source, source_id, customer_id, full_name, name_key, phone_raw,
             phone_e164, phone_kind, phone_ext, email, company, city, source_created_at, source_updated_at,
             row_hash, loaded_run_id)
         select m.source, m.source_pk, m.customer_id, m.full_name, m.name_key, m.phone_raw, m.phone_e164,
                m.phone_kind, m.phone_ext, m.email, m.company, m.city, m.source_created_at, m.source_updated_at,
                m.row_hash, m.run_id
-        from load_accepted_customer m
+        from {CHANGED} m
         order by m.source_pk
         on conflict (source, source_id) do update set
             customer_id = excluded.customer_id, full_name = excluded.full_name, name_key = excluded.name_key,
@@ -77,12 +102,14 @@ def _load_customers(cur, run_id: str, source: str) -> int:
            or t.deleted_at is not null
         """
     )
+    written = cur.rowcount
+    # a record keeps its link while it keeps its customer: only changed rows can need a new one
     cur.execute(
-        """
+        f"""
         insert into crm.customer_link as l (source, source_id, customer_id, match_rule, match_score,
             explanation, linked_run_id)
         select r.source, r.source_pk, r.customer_id, r.match_rule, r.match_score, r.explanation, r.run_id
-        from stg.resolved r join load_accepted_customer m using (run_id, source, stream, source_pk)
+        from {CHANGED} m join stg.resolved r using (run_id, source, stream, source_pk)
         order by r.source_pk
         on conflict (source, source_id) do update set
             customer_id = excluded.customer_id, match_rule = excluded.match_rule,
@@ -92,15 +119,17 @@ def _load_customers(cur, run_id: str, source: str) -> int:
         """
     )
     _survivorship(cur, run_id, source)
-    cur.execute("select count(*) from load_accepted_customer")
-    return cur.fetchone()[0]
+    return accepted, written
 
 
 def _survivorship(cur, run_id: str, source: str) -> None:
-    """Golden fields of the customers this run touched, by the rules of `include/survivorship.yaml`."""
+    """Golden fields of the existing customers whose records this run changed (`load_refresh_customer`;
+    new customers were inserted complete)."""
     from crm_sync import survivorship
 
-    survivorship.refresh(cur, run_id, source=source)
+    cur.execute("select exists (select 1 from load_refresh_customer)")
+    if cur.fetchone()[0]:
+        survivorship.refresh(cur, run_id, customers_in="load_refresh_customer")
 
 
 def load(conn, run_id: str, cfg: SourceConfig, *, allow_deletes: bool = False) -> LoadResult:
@@ -122,7 +151,7 @@ def load(conn, run_id: str, cfg: SourceConfig, *, allow_deletes: bool = False) -
             deletes.check_brake(cfg, planned, allowed=allow_deletes)
             for stream in cfg.streams:
                 quarantine.clear(cur, run_id, cfg.source, stream.name, stage="load")
-            customers = _load_customers(cur, run_id, cfg.source)
+            customers, written = _load_customers(cur, run_id, cfg.source)
             from crm_sync.identity.apply import apply_identity
 
             apply_identity(cur, run_id, cfg.source)  # review items, merges, splits, match keys
@@ -146,7 +175,7 @@ def load(conn, run_id: str, cfg: SourceConfig, *, allow_deletes: bool = False) -
                         " from sync.quarantine where run_id = %s and source = %s and blocks_key",
                         (run_id, cfg.source))
             rejected = cur.fetchone()[0]
-            runlog.update(cur, run_id, cfg.source, rows_loaded=customers + sum(loaded.values()),
+            runlog.update(cur, run_id, cfg.source, rows_loaded=written + sum(loaded.values()),
                           rows_rejected=rejected, facts_held=held, facts_released=released, rows_deleted=deleted)
         conn.commit()
     except Exception:

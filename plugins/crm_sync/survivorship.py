@@ -185,7 +185,12 @@ def _provenance(entries: list[tuple[str, sql.Composable, sql.Composable, sql.Com
     return sql.SQL("jsonb_strip_nulls(jsonb_build_object({}))").format(sql.SQL(", ").join(parts))
 
 
-def _fast_path(keyed: bool) -> sql.Composed:
+# The source records survivorship reads: the master's by default; for customers the load is about to
+# create, the run's own accepted rows (`insert_new`), which are all the records such a customer has.
+_MASTER_RECORDS = sql.SQL("crm.source_customer")
+
+
+def _fast_path(keyed: bool, records: sql.Composable = _MASTER_RECORDS) -> sql.Composed:
     """Customers with exactly one source record and no override: the record is the only candidate of
     every field it holds a value for (rule 'only_value'), so a plain join gives the golden record."""
     outs: list[sql.Composable] = []
@@ -199,18 +204,17 @@ def _fast_path(keyed: bool) -> sql.Composed:
             outs.append(sql.SQL("{} as {}").format(value, sql.Identifier(col)))
         entries.append((field, sql.SQL("{} is not null").format(first), sql.SQL("s.source"), sql.SQL("s.source_id"),
                         sql.SQL("'only_value'::text"), sql.SQL("s.source_updated_at")))
-    source = sql.SQL("""
+    return sql.SQL("""
         select s.customer_id, {outs}, {prov} as provenance
-        from crm.source_customer s
+        from {records} s
         join {touched} t on t.customer_id = s.customer_id
         where s.deleted_at is null {keyed}
           and not exists (select 1 from {general} g where g.customer_id = s.customer_id)
     """).format(outs=sql.SQL(", ").join(outs), prov=_provenance(entries), touched=sql.Identifier(_TOUCHED),
-                general=sql.Identifier(_GENERAL), keyed=_by_key("s", keyed))
-    return _update(source, keyed)
+                general=sql.Identifier(_GENERAL), keyed=_by_key("s", keyed), records=records)
 
 
-def _candidates(cfg: SurvivorshipConfig, keyed: bool) -> sql.Composed:
+def _candidates(cfg: SurvivorshipConfig, keyed: bool, records: sql.Composable = _MASTER_RECORDS) -> sql.Composed:
     """The general path's candidates: source records and overrides of `surv_general`, with each field's
     rule keys and whether the row is a candidate of the field, computed once per row."""
     keys: list[sql.Composable] = []
@@ -236,7 +240,7 @@ def _candidates(cfg: SurvivorshipConfig, keyed: bool) -> sql.Composed:
             select s.customer_id, s.source, s.source_id, s.source_updated_at as at, false as is_override,
                    p.priority as yaml_priority, s.full_name, s.name_key, s.phone_e164, s.phone_kind, s.phone_ext,
                    s.email, s.company, s.city
-            from crm.source_customer s
+            from {records} s
             join {general} g on g.customer_id = s.customer_id
             left join sync.source_priority p on p.source = s.source
             where s.deleted_at is null {keyed_s}
@@ -249,10 +253,11 @@ def _candidates(cfg: SurvivorshipConfig, keyed: bool) -> sql.Composed:
                   where true {keyed_o}) o
         ) c
     """).format(cand=sql.Identifier(_CAND), keys=sql.SQL(", ").join(keys), general=sql.Identifier(_GENERAL),
-                override_cols=override_cols, keyed_s=_by_key("s", keyed), keyed_o=_by_key("o", keyed))
+                override_cols=override_cols, keyed_s=_by_key("s", keyed), keyed_o=_by_key("o", keyed),
+                records=records)
 
 
-def _general_path(cfg: SurvivorshipConfig, keyed: bool) -> sql.Composed:
+def _general_path(cfg: SurvivorshipConfig) -> sql.Composed:
     """Per field, the candidates ordered once (whole rows of `surv_cand`): the first wins, the second
     is the runner-up the rule is told from."""
     picks: list[sql.Composable] = []
@@ -284,14 +289,13 @@ def _general_path(cfg: SurvivorshipConfig, keyed: bool) -> sql.Composed:
         rule = sql.SQL("case {} else 'tiebreak' end").format(sql.SQL(" ").join(rule_case))
         entries.append((field, sql.SQL("{}.source is not null").format(win), sql.SQL("{}.source").format(win),
                         sql.SQL("{}.source_id").format(win), rule, sql.SQL("{}.at").format(win)))
-    source = sql.SQL("""
+    return sql.SQL("""
         select t.customer_id, {outs}, {prov} as provenance
         from (select b.customer_id, {tops}
               from (select x.customer_id, {picks} from {cand} x group by x.customer_id) b
               offset 0) t
     """).format(outs=sql.SQL(", ").join(outs), prov=_provenance(entries), tops=sql.SQL(", ").join(tops),
                 picks=sql.SQL(",\n").join(picks), cand=sql.Identifier(_CAND))
-    return _update(source, keyed)
 
 
 # a golden record lives while one of its source records does (or a steward override keeps it); one
@@ -319,8 +323,9 @@ def _drop(cur) -> None:
 
 
 def refresh(cur, run_id: str | None, *, source: str | None = None, customer_ids=None,
-            cfg: SurvivorshipConfig | None = None) -> int:
-    """Recompute the golden fields of a run's customers (`source`) or of `customer_ids`; rows changed.
+            customers_in: str | None = None, cfg: SurvivorshipConfig | None = None) -> int:
+    """Recompute the golden fields of a run's customers (`source`), of `customer_ids`, or of the
+    customers of the temp table `customers_in` (column customer_id); rows changed.
 
     The touched customers are collected once into a temp table. Those with one source record and no
     override take the fast path (a plain join, rule 'only_value'); the rest the general path (all
@@ -328,10 +333,14 @@ def refresh(cur, run_id: str | None, *, source: str | None = None, customer_ids=
     A few touched customers (an incremental run) are also looked up by key (`KEYED_MAX`): the cost
     follows them, not the master.
     """
-    if (source is None) == (customer_ids is None):
-        raise ValueError("give exactly one of source or customer_ids")
+    if sum(x is not None for x in (source, customer_ids, customers_in)) != 1:
+        raise ValueError("give exactly one of source, customer_ids or customers_in")
     cfg = cfg or load_config()
-    touched = _BY_RUN if source is not None else _BY_IDS
+    if customers_in is not None:
+        touched = sql.SQL("select distinct customer_id from {} where customer_id is not null").format(
+            sql.Identifier(customers_in))
+    else:
+        touched = _BY_RUN if source is not None else _BY_IDS
     ids = [str(c) for c in customer_ids] if customer_ids is not None else None
     if ids is not None and not ids:
         return 0
@@ -352,13 +361,65 @@ def refresh(cur, run_id: str | None, *, source: str | None = None, customer_ids=
     """).format(general=sql.Identifier(_GENERAL), touched=sql.Identifier(_TOUCHED), keyed_s=_by_key("s", keyed),
                 keyed_o=_by_key("o", keyed)), params)
     cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_GENERAL)))
-    cur.execute(_fast_path(keyed), params)
+    cur.execute(_update(_fast_path(keyed), keyed), params)
     changed = cur.rowcount
     cur.execute(_candidates(cfg, keyed), {"keys": params["keys"]} if keyed else None)
     cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_CAND)))
-    cur.execute(_general_path(cfg, keyed), params)
+    cur.execute(_update(_general_path(cfg), keyed), params)
     changed += cur.rowcount
     cur.execute(_LIFE.format(touched=sql.Identifier(_TOUCHED), keyed=_by_key("c", keyed)), params)
     changed += cur.rowcount
     _drop(cur)
     return changed
+
+
+# a run's accepted rows shaped as `crm.source_customer` (what the candidates read)
+_RUN_RECORDS = """(select r.customer_id, r.source, r.source_pk as source_id, r.source_updated_at, r.full_name,
+                          r.name_key, r.phone_e164, r.phone_kind, r.phone_ext, r.email, r.company, r.city,
+                          null::timestamptz as deleted_at
+                   from {} r)"""
+
+
+def insert_new(cur, run_id: str, records: str, cfg: SurvivorshipConfig | None = None) -> int:
+    """Insert the customers of the temp table `records` (a run's accepted customer rows, columns of
+    `stg.mapped_customer`) that `crm.customer` does not hold yet, each with its golden fields and
+    provenance already computed: one heap version per new customer, never a bare row updated later.
+
+    A customer that does not exist yet has no source record, link or override in the master (they all
+    reference it), so its candidates are exactly its rows in `records`; ordered by the same rules as
+    `refresh`, they give the golden record `refresh` would give after the rows were stored.
+    Returns the customers inserted."""
+    cfg = cfg or load_config()
+    _drop(cur)
+    table = sql.Identifier(records)
+    cur.execute(sql.SQL("""
+        create temp table {touched} as
+        select distinct r.customer_id from {records} r
+        where not exists (select 1 from crm.customer c where c.customer_id = r.customer_id)
+    """).format(touched=sql.Identifier(_TOUCHED), records=table))
+    if not cur.rowcount:
+        _drop(cur)
+        return 0
+    cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_TOUCHED)))
+    run_records = sql.SQL(_RUN_RECORDS).format(table)
+    cur.execute(sql.SQL("""
+        create temp table {general} as
+        select r.customer_id from {records} r join {touched} t on t.customer_id = r.customer_id
+        group by r.customer_id having count(*) > 1
+    """).format(general=sql.Identifier(_GENERAL), touched=sql.Identifier(_TOUCHED), records=table))
+    cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_GENERAL)))
+    cur.execute(_candidates(cfg, False, run_records))
+    cur.execute(sql.SQL("analyze {}").format(sql.Identifier(_CAND)))
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)
+    new = sql.SQL(", ").join(sql.SQL("f.{}").format(sql.Identifier(c)) for c in _COLUMNS)
+    cur.execute(sql.SQL("""
+        insert into crm.customer (customer_id, {cols}, provenance, first_run_id, last_run_id)
+        select f.customer_id, {new}, f.provenance, %(run)s, %(run)s
+        from ({fast} union all {general}) f
+        order by f.customer_id
+        on conflict (customer_id) do nothing
+    """).format(cols=cols, new=new, fast=_fast_path(False, run_records), general=_general_path(cfg)),
+        {"run": run_id})
+    inserted = cur.rowcount
+    _drop(cur)
+    return inserted

@@ -40,37 +40,51 @@ class ApplyResult:
 
 
 def _store_identity(cur, run_id: str, source: str) -> None:
+    """Identity input and match keys of the accepted records whose identity input the master does not
+    hold yet (new records, changed ones): the keys are a function of the input, so an unchanged
+    record's stored keys are already right and are not touched. New records' keys are inserted in
+    key order (local index inserts); only changed records have old keys to delete."""
     cur.execute("select exists (select 1 from stg.identity_input where run_id = %s and source = %s)", (run_id, source))
     if not cur.fetchone()[0]:
         return  # a run staged without the resolve stage (e.g. the load bench) has nothing to store
-    cur.execute("drop table if exists pg_temp.identity_accepted")
+    cur.execute("drop table if exists pg_temp.identity_changed")
     cur.execute(
-        f"""create temporary table identity_accepted on commit drop as
-            select m.source, m.stream, m.source_pk from stg.mapped_customer m
-            where m.run_id = %s and m.source = %s and {ACCEPTED}""",
+        f"""create temporary table identity_changed on commit drop as
+            select i.source, i.stream, i.source_pk, i.name, i.phone, i.email, i.company, i.city, i.run_id,
+                   t.source_id is null as is_new
+            from stg.identity_input i
+            join stg.mapped_customer m on m.run_id = i.run_id and m.source = i.source and m.stream = i.stream
+                                      and m.source_pk = i.source_pk
+            left join crm.source_identity t on t.source = i.source and t.source_id = i.source_pk
+            where i.run_id = %s and i.source = %s and {ACCEPTED}
+              and (t.source_id is null
+                   or (t.stream, t.name, t.phone, t.email, t.company, t.city)
+                      is distinct from (i.stream, i.name, i.phone, i.email, i.company, i.city))
+            order by i.source_pk""",
         (run_id, source),
     )
-    cur.execute("create index on identity_accepted (source, source_pk)")
-    cur.execute("analyze identity_accepted")
+    if not cur.rowcount:
+        return
+    cur.execute("create index on identity_changed (source, stream, source_pk)")
+    cur.execute("analyze identity_changed")
     cur.execute(
         """
         insert into crm.source_identity as t (source, source_id, stream, name, phone, email, company, city, loaded_run_id)
         select i.source, i.source_pk, i.stream, i.name, i.phone, i.email, i.company, i.city, i.run_id
-        from stg.identity_input i join identity_accepted a using (source, stream, source_pk)
-        where i.run_id = %s and i.source = %s
+        from identity_changed i
+        order by i.source_pk
         on conflict (source, source_id) do update set
             stream = excluded.stream, name = excluded.name, phone = excluded.phone, email = excluded.email,
             company = excluded.company, city = excluded.city, loaded_run_id = excluded.loaded_run_id
         where (t.stream, t.name, t.phone, t.email, t.company, t.city)
               is distinct from (excluded.stream, excluded.name, excluded.phone, excluded.email, excluded.company,
                                 excluded.city)
-        """,
-        (run_id, source),
+        """
     )
     cur.execute(
         """
-        delete from crm.match_key k using identity_accepted a
-        where k.source = a.source and k.source_id = a.source_pk
+        delete from crm.match_key k using identity_changed a
+        where not a.is_new and k.source = a.source and k.source_id = a.source_pk
           and not exists (select 1 from stg.match_key s
                           where s.run_id = %s and s.source = a.source and s.stream = a.stream
                             and s.source_pk = a.source_pk and s.key = k.key)
@@ -81,8 +95,9 @@ def _store_identity(cur, run_id: str, source: str) -> None:
         """
         insert into crm.match_key (key, source, source_id)
         select s.key, s.source, s.source_pk
-        from stg.match_key s join identity_accepted a using (source, stream, source_pk)
+        from stg.match_key s join identity_changed a using (source, stream, source_pk)
         where s.run_id = %s and s.source = %s
+        order by s.key, s.source, s.source_pk
         on conflict do nothing
         """,
         (run_id, source),
