@@ -2,13 +2,14 @@
 #   make demo   create .venv, start the embedded PostgreSQL, seed the sample sources, run every DAG, print a summary
 #   make test   the whole test suite (installs what it needs first)
 #   make bench  benchmarks: prints figures, asserts nothing about time
+#   make test-celery  the source DAGs on CeleryExecutor with two workers (needs PostgreSQL and Redis, see README)
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install status clean db-stop
+.PHONY: demo test test-celery bench install status clean db-stop
 
 install: $(STAMP)
 
@@ -28,6 +29,11 @@ status: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# every source DAG on CeleryExecutor with two workers against the machine's PostgreSQL (CRM_SYNC_TEST_DSN) and
+# broker (CRM_SYNC_CELERY_BROKER), checked against an `airflow dags test` run of the same data; not part of `make test`
+test-celery: $(STAMP)
+	$(BIN)/python tests/celery/run.py $(TEST_CELERY_ARGS)
 
 # BENCH_PIPELINE_ARGS="--customers 100000" scales the pipeline benchmark down (default: 1,000,000 customers)
 bench: $(STAMP)
