@@ -17,6 +17,7 @@ the load's question (held orphans, see `crm_sync.orphans`), not the map's.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -239,7 +240,28 @@ def cast(value, fm: FieldMap, *, key: bool = False):
 
 
 def row_hash(values: dict) -> str:
-    return hashlib.sha256(to_json(values).encode()).hexdigest()[:32]
+    """A hash of the mapped values: the first 32 hex digits of the SHA-256 of their `to_json` text."""
+    return hashlib.sha256(_json_text(values).encode()).hexdigest()[:32]
+
+
+_quoted = json.encoder.encode_basestring  # what `to_json` (ensure_ascii=False) writes a str as
+# `to_json`'s text of a value of each usual mapped type (floats and anything else go through `to_json`)
+_FRAGMENT = {
+    str: _quoted, type(None): lambda v: "null", bool: lambda v: "true" if v else "false", int: int.__repr__,
+    Decimal: lambda v: f'"{v}"', datetime: lambda v: f'"{v.isoformat()}"', date: lambda v: f'"{v.isoformat()}"',
+}
+
+
+def _json_text(values: dict) -> str:
+    """`to_json(values)` for a flat dict of str keys, written without the JSON encoder's per-value
+    callbacks (a Decimal or a datetime calls back into Python each time); exactly the same text."""
+    parts = []
+    for name, value in values.items():
+        fragment = _FRAGMENT.get(type(value))
+        if fragment is None or type(name) is not str:
+            return to_json(values)
+        parts.append(f"{_quoted(name)}:{fragment(value)}")
+    return "{" + ",".join(parts) + "}"
 
 
 def _money_scale(entity: str, fm: FieldMap, target: str) -> FieldMap:
@@ -285,7 +307,94 @@ def identity_rejects(payload: dict, keys: IdentityKeys) -> list[tuple[str, str]]
     return out
 
 
+FETCH_ROWS = 20_000  # staged rows read, cast and COPYed per batch: memory stays flat at any run size
+
+
+def _fast_cast(fm: FieldMap, key: bool):
+    """A cast for the common case — a text value that is already stripped, non-empty, without NUL
+    and within `MAX_TEXT` — that gives exactly what `cast` gives, or raises anything when it cannot
+    tell (the caller then asks `cast`, which words the reason). None when `cast` must do it all."""
+    if fm.values is not None:
+        return None
+    kind, max_length = fm.type, fm.max_length
+    if kind == "text" and key:
+        from crm_sync.keys import canonical_key
+
+        def text_key(value: str):
+            text = canonical_key(value)
+            if max_length is not None and len(text) > max_length:
+                raise CastError(text)
+            return text
+        return text_key
+    if kind == "text":
+        if max_length is None:
+            return str
+        def text(value: str):
+            if len(value) > max_length:
+                raise CastError(value)
+            return value
+        return text
+    if kind == "timestamptz":
+        def timestamptz(value: str):
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                raise CastError(value)
+            return parsed
+        return timestamptz
+    if kind == "date":
+        def date_(value: str):
+            return date.fromisoformat(value[:10]) if len(value) >= 10 else date.fromisoformat(value)
+        return date_
+    if kind == "numeric":
+        scale = fm.scale
+        def numeric(value: str):
+            number = Decimal(value.replace(",", ""))
+            if not number.is_finite() or (scale is not None and -number.as_tuple().exponent > scale):
+                raise CastError(value)
+            return number
+        return numeric
+    return None
+
+
+def _cast_plan(fm: FieldMap, key: bool, limit: tuple[int, int] | None):
+    """The field's cast, decided once per stream: the fast path where it applies, `cast` otherwise,
+    and the column's numeric limit (`_fits`) when it has one."""
+    fast = _fast_cast(fm, key)
+    required = fm.required or fm.values is not None
+
+    def plan(value):
+        if fast is not None:
+            if value is None and not required:
+                return None
+            if (type(value) is str and value and "\x00" not in value and len(value) <= MAX_TEXT
+                    and value.strip() is value):
+                try:
+                    result = fast(value)
+                except Exception:  # noqa: BLE001 - `cast` decides, and words the reason
+                    result = cast(value, fm, key=key)
+                if limit is not None:
+                    _fits(result, limit)
+                return result
+        result = cast(value, fm, key=key)
+        if limit is not None:
+            _fits(result, limit)
+        return result
+    return plan
+
+
+def _reader(fm: FieldMap):
+    """`source_value` for one field map, decided once: a plain `from` is one dict lookup."""
+    if isinstance(fm.from_, str):
+        name = fm.from_
+        return lambda payload: payload.get(name)
+    return lambda payload: source_value(payload, fm)
+
+
 def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> MapResult:
+    """Map one stream of the run from `stg.extracted` into `stg.mapped_<entity>`.
+
+    The staged rows are read with a server-side cursor and cast, hashed and COPYed a batch at a
+    time, in one transaction (the caller commits): memory does not grow with the run."""
     entity = stream.entity
     spec = entities.get(entity)
     table = spec.staging
@@ -294,43 +403,33 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
     # a fact's customer reference (unless it is a phone) and any id-like field are record keys
     key_fields = {t for t, fm in field_maps.items() if fm.type == "text" and is_key_field(t)}
     limits = _numeric_limits(entity)
+    plans = [(target, fm, fm.source_fields, _reader(fm), _cast_plan(fm, target in key_fields, limits.get(target)))
+             for target, fm in field_maps.items()]
+    identity = stream.identity if entity == "customer" else None
+    identity_fields = ([f for f in dict.fromkeys([identity.name, *identity.phones, identity.email, identity.company,
+                                                  identity.city]) if f] if identity is not None else [])
+    hashed_columns = [c for c in columns if c != "customer_id"]
     rejects: list[quarantine.Reject] = []
-    out_rows: list[list] = []
 
     def reject(source_pk, field, reason, payload):
         where = quarantine.where(cfg.source, stream.name, source_pk, field)
         rejects.append(quarantine.Reject(stream.name, source_pk, "map", field, f"{where}: {reason}", payload))
 
-    with conn.cursor() as cur:
-        if entity == "customer":
-            cur.execute(
-                f"""select e.source_pk, e.payload, {", ".join("r." + c for c in RESOLVED_COLUMNS)}
-                    from stg.extracted e join stg.resolved r using (run_id, source, stream, source_pk)
-                    where e.run_id = %s and e.source = %s and e.stream = %s order by e.source_pk""",
-                (run_id, cfg.source, stream.name),
-            )
-        else:
-            cur.execute(
-                "select source_pk, payload from stg.extracted where run_id = %s and source = %s and stream = %s"
-                " order by source_pk",
-                (run_id, cfg.source, stream.name),
-            )
-        rows = cur.fetchall()
+    def mapped(rows):
         for source_pk, payload, *resolved in rows:
             values: dict = {}
             bad_fields: set[str] = set()
-            if entity == "customer" and stream.identity is not None:
-                for name, reason in identity_rejects(payload, stream.identity):
+            if identity_fields and any(v is not None and (type(v) is not str or len(v) > MAX_TEXT)
+                                       for v in map(payload.get, identity_fields)):
+                for name, reason in identity_rejects(payload, identity):
                     reject(source_pk, name, reason, payload)
                     bad_fields.add(name)
             failed = bool(bad_fields)
-            for target, fm in field_maps.items():
-                if fm.source_fields & bad_fields:
+            for target, fm, fields, read, plan in plans:
+                if bad_fields and fields & bad_fields:
                     continue  # already quarantined for this payload field
                 try:
-                    value = cast(source_value(payload, fm), fm, key=target in key_fields)
-                    _fits(value, limits.get(target))
-                    values[target] = value
+                    values[target] = plan(read(payload))
                 except CastError as exc:
                     origin = f" (from {fm.label!r})" if fm.label != target else ""
                     reject(source_pk, target, f"{exc}{origin}", payload)
@@ -343,12 +442,31 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
                                if v is not None or c != "full_name"})
                 values["customer_id"] = str(values["customer_id"])
             record = [values.get(c) for c in columns]
-            hashed = {c: v for c, v in zip(columns, record) if c != "customer_id"}
-            out_rows.append([run_id, cfg.source, stream.name, source_pk, *record, row_hash(hashed)])
+            hashed = {c: values.get(c) for c in hashed_columns}
+            yield [run_id, cfg.source, stream.name, source_pk, *record, row_hash(hashed)]
+
+    if entity == "customer":
+        query = f"""select e.source_pk, e.payload, {", ".join("r." + c for c in RESOLVED_COLUMNS)}
+                    from stg.extracted e join stg.resolved r using (run_id, source, stream, source_pk)
+                    where e.run_id = %s and e.source = %s and e.stream = %s order by e.source_pk"""
+    else:
+        query = ("select source_pk, payload from stg.extracted where run_id = %s and source = %s and stream = %s"
+                 " order by source_pk")
+    out_columns = ["run_id", "source", "stream", "source_pk", *columns, "row_hash"]
+    written = 0
+    with conn.cursor() as cur:
         staging.delete_run(cur, table, run_id, cfg.source, stream.name)
         quarantine.clear(cur, run_id, cfg.source, stream.name, stage="map")
-        written = staging.copy_rows(cur, table, ["run_id", "source", "stream", "source_pk", *columns, "row_hash"],
-                                    out_rows)
+        with conn.cursor(name=f"crm_sync_map_{stream.name}") as staged:
+            staged.itersize = FETCH_ROWS
+            staged.execute(query, (run_id, cfg.source, stream.name))
+            while True:
+                rows = staged.fetchmany(FETCH_ROWS)
+                if not rows:
+                    break
+                # each batch is mapped in full before its COPY: the COPY cannot share the
+                # connection with the server-side cursor while that one is being read
+                written += staging.copy_rows(cur, table, out_columns, list(mapped(rows)))
         quarantine.add(cur, run_id, cfg.source, rejects)
         staging.analyze(cur, table)
     return MapResult(mapped=written, rejected=len({r.source_pk for r in rejects}))

@@ -19,6 +19,7 @@ Guarantees:
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -101,7 +102,7 @@ class _Batch:
     def __init__(self, cfg: SourceConfig, stream: StreamConfig, window: Window, now: datetime) -> None:
         self.cfg, self.stream, self.window = cfg, stream, window
         self.future_after = now + timedelta(minutes=cfg.future_skew_minutes)
-        self.latest: dict[str, tuple[datetime, dict]] = {}
+        self.latest: dict[str, tuple[datetime, str]] = {}  # key -> (cursor, payload as JSON text)
         self.tombstones: dict[str, datetime] = {}
         self.rejects: list[quarantine.Reject] = []
         self.seen_fields: set[str] = set()
@@ -113,6 +114,8 @@ class _Batch:
         self.tomb_values = {v.lower() for v in tomb.values} if tomb else set()
 
     def reject(self, pk, field, reason, record, *, blocks_key=True) -> None:
+        if isinstance(record, str):  # a staged version's payload text (superseded)
+            record = json.loads(record)
         self.rejects.append(quarantine.Reject(self.stream.name, pk, "extract", field, reason, _printable(record),
                                               blocks_key=blocks_key))
 
@@ -136,7 +139,10 @@ class _Batch:
                         f"primary key is {len(pk)} characters long, more than the {MAX_KEY_CHARS} a key may have",
                         record)
             return
-        bad = _nul_field(record)
+        # encoded once here: staged as is, and JSON escapes a NUL (in a value or a key) as \u0000, so
+        # the walk that names the field runs only for a text that may hold one
+        payload = staging.to_json(record)
+        bad = _nul_field(record) if "\\u0000" in payload else None
         if bad is not None:
             self.reject(pk, bad, "contains a NUL character, which no PostgreSQL text can hold", record)
             return
@@ -160,9 +166,10 @@ class _Batch:
             return
         previous = self.latest.get(pk)
         if previous is None:
-            self.latest[pk] = (cursor_value, record)
+            self.latest[pk] = (cursor_value, payload)
             return
-        newer, older = ((cursor_value, record), previous) if previous[0] <= cursor_value else (previous, (cursor_value, record))
+        newer, older = (((cursor_value, payload), previous) if previous[0] <= cursor_value
+                        else (previous, (cursor_value, payload)))
         self.latest[pk] = newer
         self.reject(pk, stream.cursor_field,
                     f"superseded: a newer version of this key (cursor {newer[0].isoformat()}) came in the same "
@@ -181,7 +188,7 @@ class _Batch:
 def _write(cur, run_id: str, cfg: SourceConfig, stream: StreamConfig, batch: _Batch) -> int:
     rows = staging.copy_rows(
         cur, "stg.extracted", ["run_id", "source", "stream", "source_pk", "cursor_value", "payload"],
-        ((run_id, cfg.source, stream.name, pk, cv, staging.to_json(rec)) for pk, (cv, rec) in batch.latest.items()),
+        ((run_id, cfg.source, stream.name, pk, cv, payload) for pk, (cv, payload) in batch.latest.items()),
     )
     if batch.tombstones:
         staging.copy_rows(cur, "stg.tombstone", ["run_id", "source", "stream", "source_pk", "cursor_value"],

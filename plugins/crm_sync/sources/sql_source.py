@@ -71,22 +71,33 @@ def _drift(exc, source: str, name: str) -> SchemaDriftError:
     )
 
 
-def fetch_batches(src_conn, query: str, *, since: datetime | None, until: datetime, name: str,
-                  source: str = "?", params: dict | None = None) -> Iterator[list[dict]]:
+def fetch_rows(src_conn, query: str, *, since: datetime | None, until: datetime | None, name: str,
+               source: str = "?", params: dict | None = None) -> Iterator[tuple[list[str], list[tuple]]]:
+    """The query's rows in batches of tuples, with the column names, through a server-side cursor."""
     import psycopg2
-    from psycopg2.extras import RealDictCursor
 
-    with src_conn.cursor(name=f"crm_sync_{name}", cursor_factory=RealDictCursor) as cur:
+    with src_conn.cursor(name=f"crm_sync_{name}") as cur:
         cur.itersize = FETCH_ROWS
         try:
             cur.execute(query, {"since": since, "until": until, **(params or {})})
         except (psycopg2.errors.UndefinedColumn, psycopg2.errors.UndefinedTable) as exc:
             raise _drift(exc, source, name) from None
+        names: list[str] | None = None
         while True:
             rows = cur.fetchmany(FETCH_ROWS)
             if not rows:
                 return
-            yield [dict(r) for r in rows]
+            if names is None:  # a named cursor describes its columns after the first fetch
+                names = [d[0] for d in cur.description]
+            yield names, rows
+
+
+def fetch_batches(src_conn, query: str, *, since: datetime | None, until: datetime, name: str,
+                  source: str = "?", params: dict | None = None) -> Iterator[list[dict]]:
+    """The query's rows in batches of plain dicts (column name -> value)."""
+    for names, rows in fetch_rows(src_conn, query, since=since, until=until, name=name, source=source,
+                                  params=params):
+        yield [dict(zip(names, r)) for r in rows]
 
 
 @register
@@ -149,9 +160,9 @@ class SqlExtractor(Extractor):
                f" where q.{_ident(self.stream.primary_key)} is not null")
 
         def batches():
-            for rows in fetch_batches(self.src_conn, sql, since=None, until=None, name=self.stream.name + "_keys",
+            for _, rows in fetch_rows(self.src_conn, sql, since=None, until=None, name=self.stream.name + "_keys",
                                       source=self.cfg.source):
-                yield [k for k in (canonical_key(r["k"]) for r in rows) if k is not None]
+                yield [k for k in (canonical_key(r[0]) for r in rows) if k is not None]
 
         return batches()
 
