@@ -20,8 +20,8 @@ A relation of fewer than `TINY_PAGES` pages (the stewards' overrides of this mas
 scan of it costs the same whatever the master's size, and the planner rightly prefers it to
 index lookups; once it grows, its index serves.
 
-The resolve stage's master lookups (`crm_sync.identity.master`) are held to the same rule in a test
-of their own, expected to fail until that module is reworked (see `ELSEWHERE`).
+The resolve stage's master lookups (`crm_sync.identity.master`) are held to the same rule, and a test
+of their own checks that each of them ran and was explained.
 """
 from __future__ import annotations
 
@@ -200,29 +200,10 @@ def seed_master(conn, run_id: str, end: datetime) -> None:
 
 # --- capturing the plans ----------------------------------------------------------------------------
 
-# Statements of a module outside this test's fixes, with what each needs; `test_resolve_master_lookups_...`
-# expects them to fail (strict: when they pass, take them out of here and that test's xfail).
-ELSEWHERE = {
-    "crm_sync.identity.master.current_customers":
-        "unnest(sources, ids) hash-joined with the whole crm.customer_link: look the records up by key "
-        "(`l.source = %s and l.source_id = any(%s)` — one source per run) or per row",
-    "crm_sync.identity.master.candidates":
-        "the candidate records are hash-joined with the whole crm.customer_link: per-record lookups "
-        "(scalar subquery or `= any(array(...))`)",
-    "crm_sync.identity.master.term_counts":
-        "`count(*) from crm.source_identity` reads the whole master every run: keep the total as data "
-        "(a counter maintained by the load, or pg_class.reltuples)",
-    "crm_sync.identity.master.decisions":
-        "every decided review item is read and filtered by hashed subplans: look them up from the batch's "
-        "records through the item's unique key and review_item_b_idx",
-    "crm_sync.identity.master.decided_partners":
-        "hash joins over every decided review item: lookups per batch record, as for decisions",
-    "crm_sync.identity.master.pending_splits":
-        "every 'different' decision, its two links hash-joined with the whole crm.customer_link, on every "
-        "run (resolve and load): only decisions not applied yet or with a record that moves this run, "
-        "links per row by primary key",
-}
-
+# Statements of a module outside this test's fixes, with what each needs, that
+# `test_resolve_master_lookups_are_batch_driven_too` would expect to fail. Empty: the resolve stage's
+# master lookups (`crm_sync.identity.master`) look the run's records up by key since issue 11.
+ELSEWHERE: dict[str, str] = {}
 
 @dataclass
 class Statement:
@@ -442,8 +423,12 @@ def test_no_statement_of_the_hourly_path_reads_a_crm_table_whole(hourly):
                        f"({MASTER:,}-customer master, {CHANGES} changes):\n" + "\n".join(found))
 
 
-@pytest.mark.xfail(strict=True, reason="crm_sync.identity.master still joins the batch with whole crm tables "
-                                       "(ELSEWHERE says what each statement needs)")
 def test_resolve_master_lookups_are_batch_driven_too(hourly):
-    found = problems(hourly, elsewhere=True)
+    master_calls = {s.caller for s in hourly.statements if s.caller.startswith("crm_sync.identity.master.")}
+    # the resolve stage asked the master for what the engine needs, and the load for its split plan
+    assert {"crm_sync.identity.master.current_customers", "crm_sync.identity.master.candidates",
+            "crm_sync.identity.master.term_counts", "crm_sync.identity.master.decisions",
+            "crm_sync.identity.master.decided_partners", "crm_sync.identity.master.pending_splits"} <= master_calls
+    found = [describe(s, what, node) for s in hourly.statements if s.plan and s.caller in master_calls
+             for what, node in full_scans(s.plan, hourly.pages, hourly.partial)]
     assert not found, f"{len(found)} plan node(s) of crm_sync.identity.master cost O(master):\n" + "\n".join(found)

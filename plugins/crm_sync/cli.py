@@ -17,6 +17,9 @@
     crm-sync quarantine discard --source S (--run R | --rule X | --id N ... | --all) --reason TEXT
                                       give rows up, with who and why (they stay on record)
     crm-sync quarantine expire|purge  housekeeping: expire unsettled rows, delete settled ones
+    crm-sync identity estimate [--source S] [--sample N] [--by NAME] [--json]
+                                      estimate m/u and the prior by EM over a sample of the master
+                                      and store them: every resolve run after uses them
     crm-sync report --source S [--run R] [--json]
                                       (re)build a run's quality report and print its path
 """
@@ -58,6 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     override.add_argument("value")
     override.add_argument("--by", required=True, help="the steward's name")
     _quarantine_parser(sub)
+    identity = sub.add_parser("identity", help="identity resolution: the match parameters the resolve stage uses")
+    identity_sub = identity.add_subparsers(dest="identity_command", required=True)
+    estimate = identity_sub.add_parser(
+        "estimate", help="estimate m/u and the prior (EM over a sample of the master) and store them for resolve",
+        description="Estimate the match config's m/u and prior on the live master (u by random sampling, m by EM "
+                    "on blocked pairs), as bench_identity.py --print-params does on the evaluation set, and store "
+                    "them with the time in crm.match_params. Every resolve run after reads the latest estimate for "
+                    "its source (else the whole master's, else the match config's values); no run estimates on "
+                    "its own. Run it after a first load and when the data changes character, or on a schedule.")
+    estimate.add_argument("--source", help="sample this source's records only (its runs prefer this estimate)")
+    estimate.add_argument("--sample", type=int, default=None,
+                          help="master records to read at most (default 200,000; a random sample beyond that)")
+    estimate.add_argument("--by", default=None, help="who asked (stored with the estimate; default: $USER)")
+    estimate.add_argument("--json", action="store_true", help="print the stored estimate as JSON")
     report = sub.add_parser("report", help="(re)build the quality report of a run and print its path")
     report.add_argument("--source", required=True)
     report.add_argument("--run", help="run id (default: the source's latest run)")
@@ -405,6 +422,25 @@ def main(argv: list[str] | None = None) -> int:
             with db.connection() as conn:
                 db.migrate(conn)
                 return _quarantine(conn, args)
+        if args.command == "identity":
+            import os
+
+            from crm_sync.identity import resolve
+
+            with db.connection() as conn:
+                db.migrate(conn)
+                done = resolve.estimate(conn, args.source, args.sample or resolve.ESTIMATE_SAMPLE,
+                                        by=args.by or os.environ.get("USER") or "crm-sync")
+            if args.json:
+                print(json.dumps(done, indent=2, ensure_ascii=False, default=str))
+            else:
+                scope = f"source {done['source']}" if done["source"] else "the whole master"
+                print(f"match parameters #{done['params_id']} ({done['config']}, {scope}): estimated on "
+                      f"{done['sampled']:,} of {done['population']:,} records in {done['seconds']} s; prior "
+                      f"{done['params']['prior']:.3g} ({done['matches_per_record']:.2f} other records per record); "
+                      + ("the next resolve run of every source uses them" if not done["source"] else
+                         f"the next resolve run of source {done['source']} uses them"))
+            return 0
         if args.command == "report":
             from crm_sync.quality import report
 

@@ -21,8 +21,12 @@ refuses chains -> cluster ids. Guarantees:
   appear; `cluster_merges` lists existing clusters found to be one person: survivor = the
   lexicographically smallest id, with the evidence pair;
 - with `estimate=False` (or `params`), nothing is estimated: the config's (or the given)
-  m/u/prior are used, which is what small incremental batches need; estimation also falls back
-  to them below `estimation.min_records` records, and `Resolution.params.origin` says so.
+  m/u/prior are used, which is what the resolve stage does on every run (it reads the estimate
+  the operator stored, `crm-sync identity estimate`); estimation also falls back to them below
+  `estimation.min_records` records, and `Resolution.params.origin` says so;
+- `Resolution.explanations(start, stop)` builds the per-record explanations of a slice of the
+  batch on demand (`explain=False` leaves the assignments' column empty), so a caller writing a
+  million of them never holds them all.
 """
 from __future__ import annotations
 
@@ -53,6 +57,26 @@ class Resolution:
     scores: scoring.Scores | None = None
     record_ids: np.ndarray | None = None   # position -> record id over batch + master
     roots: np.ndarray | None = None        # position -> cluster representative
+    # per batch record: the pair row its explanation reads (-1: none), the other record's
+    # position, and whether it joined its cluster only through a steward's must-link
+    best_row: np.ndarray | None = None
+    best_other: np.ndarray | None = None
+    must_only: np.ndarray | None = None
+
+    def explanations(self, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        """The explanation of batch records `start:stop` (what `assignments.explanation` holds with
+        `explain=True`), built on demand: a caller writing a million of them takes them in slices."""
+        assert self.best_row is not None and self.scores is not None and self.record_ids is not None
+        stop = len(self.best_row) if stop is None else min(stop, len(self.best_row))
+        best_row, must_only = self.best_row[start:stop], self.must_only[start:stop]
+        out: list[dict[str, Any]] = [{"rule": "no candidate pair", "fields": {}} for _ in range(len(best_row))]
+        scored = np.flatnonzero(~must_only & (best_row >= 0))
+        for r, ex in zip(scored.tolist(), self.scores.explain_many(best_row[scored])):
+            ex["matched_record"] = self.record_ids[self.best_other[start + r]]
+            out[r] = ex
+        for r in np.flatnonzero(must_only).tolist():
+            out[r] = {"rule": "must_link", "fields": {}}
+        return out
 
 
 def _record_ids(df: pd.DataFrame, settings: Settings, what: str) -> np.ndarray:
@@ -282,16 +306,9 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
     # merged only through a steward's must-link: certain by decision, not by score
     must_only = multi & (best_rank < 2)
     probability = np.where(must_only, 1.0, probability)
-    explanations: list[Any] = [None] * n_batch
-    if explain:
-        scored = np.flatnonzero(~must_only & has_pair)
-        for r, ex in zip(scored.tolist(), scores.explain_many(best_row[scored])):
-            ex["matched_record"] = record_ids[best_other[r]]
-            explanations[r] = ex
-        for r in np.flatnonzero(must_only).tolist():
-            explanations[r] = {"rule": "must_link", "fields": {}}
-        for r in np.flatnonzero(~must_only & ~has_pair).tolist():
-            explanations[r] = {"rule": "no candidate pair", "fields": {}}
+    resolution = Resolution(pd.DataFrame(), review_pairs, merges, model, {}, scores, record_ids, root,
+                            best_row, best_other, must_only)
+    explanations: list[Any] = resolution.explanations() if explain else [None] * n_batch
     assignments = pd.DataFrame({
         "record_id": record_ids[:n_batch],
         "cluster_id": cluster_ids[:n_batch],
@@ -313,7 +330,8 @@ def resolve(batch_df: pd.DataFrame, settings: Settings, master_df: pd.DataFrame 
         "prior": model.prior, "params_origin": dict(model.origin), **em_info,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
-    return Resolution(assignments, review_pairs, merges, model, stats, scores, record_ids, root)
+    resolution.assignments, resolution.stats = assignments, stats
+    return resolution
 
 
 def _group_min(groups: np.ndarray, values: np.ndarray) -> pd.Series:

@@ -8,6 +8,10 @@ no such value), plus `f.weak` (person names: only a surname survived) and `f.str
 - each *distinct* raw value is normalised once (factorise, normalise the uniques, take back by
   code); equal raw values always yield equal features;
 - large inputs are normalised on several processes (`workers`), with identical results;
+- the outputs a record's own columns need besides the comparison attributes (a name's reading
+  even when only a surname survived, a phone's kind, the number of the field it was read from
+  and its extension even when it does not validate, an e-mail as the source wrote it and whether
+  it is valid) come from the same pass: the resolve stage normalises nothing a second time;
 - `encode(features)` turns those columns into integer codes (-1 = none) so that equality tests,
   term frequencies and blocking are vectorised numpy operations.
 """
@@ -56,9 +60,10 @@ def _raw_values(df: pd.DataFrame, spec: FieldSpec) -> pd.Series:
 # Each returns a tuple aligned with `_OUTPUTS[normaliser]`; they run on distinct values only.
 
 _OUTPUTS: dict[str, tuple[str, ...]] = {
-    "person_name": ("present", "weak", "value", "full", "pinyin", "surname"),
-    "phone": ("present", "strong_kind", "value", "mobile", "landline", "extension", "desk"),
-    "email": ("present", "strong_kind", "value", "personal", "role", "domain"),
+    "person_name": ("present", "weak", "value", "full", "pinyin", "surname", "key"),
+    "phone": ("present", "strong_kind", "value", "mobile", "landline", "extension", "desk",
+              "kind", "part", "ext", "e164"),
+    "email": ("present", "strong_kind", "value", "personal", "role", "domain", "text", "valid"),
     "company": ("present", "value", "pinyin", "place", "located"),
     "text": ("present", "value"),
     "exact": ("present", "value"),
@@ -70,7 +75,7 @@ def _person_name(raw: str) -> tuple:
 
     n = normalize_person_name(raw)
     if not n.full:
-        return (False, False, None, None, None, None)
+        return (False, False, None, None, None, None, n.pinyin or None)
     surname = None
     if n.surname:
         if n.surname.isascii():
@@ -84,31 +89,38 @@ def _person_name(raw: str) -> tuple:
     weak = bool(n.surname_only)
     key = n.pinyin or None
     # A surname-only name is a hint, not a name: it takes part only in the surname_only level.
-    return (True, weak, None if weak else n.full, n.full, None if weak else key, surname)
+    return (True, weak, None if weak else n.full, n.full, None if weak else key, surname, key)
 
 
 def _phone(raw: str, city: str | None = None) -> tuple:
-    from crm_sync.identity.normalize import normalize_phone
+    from crm_sync.identity.normalize import best_phone_part, normalize_phone
 
     p = normalize_phone(raw, city)
+    # what the record's own columns keep (stg.resolved): its kind, which number of the field was
+    # taken and that number's extension, also for a number that does not validate
+    kind, part = sys.intern(p.kind), best_phone_part(raw, city)
     if not p.e164:
-        return (False, False, None, None, None, None, None)
+        return (False, False, None, None, None, None, None, kind, part, p.extension, None)
     mobile = p.kind == "mobile"
     landline = p.e164 if p.kind == "landline" else None
     # a switchboard plus an extension is one desk: near-personal evidence a bare switchboard is not
     desk = f"{landline};ext={p.extension}" if landline and p.extension else None
-    return (True, mobile, p.e164, p.e164 if mobile else None, landline, p.extension, desk)
+    return (True, mobile, p.e164, p.e164 if mobile else None, landline, p.extension, desk, kind, part, p.extension,
+            p.e164)
 
 
 def _email(raw: str) -> tuple:
-    from crm_sync.identity.normalize import normalize_email
+    from crm_sync.identity.normalize import nfkc, normalize_email
 
     e = normalize_email(raw)
+    # the record's own e-mail column: what the source said when it does not parse, so that
+    # validation can see and reject it
+    text = e.email if e.email else (nfkc(e.raw) or None)
     if not (e.valid and e.email):
-        return (False, False, None, None, None, None)
+        return (False, False, None, None, None, None, text, bool(e.valid))
     personal = not e.generic
     return (True, personal, e.email, e.email if personal else None, None if personal else e.email,
-            sys.intern(e.email.rsplit("@", 1)[1]))
+            sys.intern(e.email.rsplit("@", 1)[1]), text, True)
 
 
 def _company(raw: str) -> tuple:
@@ -268,7 +280,7 @@ def _store(out: dict[str, Any], spec: FieldSpec, codes: np.ndarray, columns: lis
     names = _OUTPUTS[spec.normaliser]
     per_unique: dict[str, np.ndarray] = {}
     for attr, column in zip(names, columns):
-        if attr in ("present", "weak", "strong_kind"):
+        if attr in ("present", "weak", "strong_kind", "valid"):
             arr = np.append(np.array(column, dtype=bool), False)
         else:
             arr = np.empty(len(column) + 1, dtype=object)
@@ -289,6 +301,26 @@ def _store(out: dict[str, Any], spec: FieldSpec, codes: np.ndarray, columns: lis
         out[f"{spec.name}.strong_kind"] = out[f"{spec.name}.present"].copy()
 
 
+def normalise_column(kind: str, raw: pd.Series, cities: pd.Series | None = None) -> dict[str, np.ndarray]:
+    """Per row of `raw`: every output of the `kind` normaliser (`_OUTPUTS`), each distinct
+    (value, city) normalised once, in this process. For a record column no configured field reads."""
+    raw = _clean_raw(raw).reset_index(drop=True)
+    city = None if cities is None else _clean_raw(cities).reset_index(drop=True)
+    keyed = raw if city is None else (raw + "\x1f" + city.fillna("")).where(raw.notna(), None)
+    codes, uniques = pd.factorize(keyed, use_na_sentinel=True)
+    split = [str(k).split("\x1f", 1) for k in uniques] if city is not None else None
+    values = [k[0] for k in split] if split is not None else list(uniques)
+    towns = [k[1] or None for k in split] if split is not None else [None] * len(values)
+    columns = _normalise_values(kind, values, towns if kind == "phone" else None)
+    out = {}
+    for attr, column in zip(_OUTPUTS[kind], columns):
+        arr = np.empty(len(values) + 1, dtype=object)
+        arr[:-1] = column
+        arr[-1] = False if attr in ("present", "weak", "strong_kind", "valid") else None
+        out[attr] = arr[codes]
+    return out
+
+
 def feature_columns(settings: Settings) -> list[str]:
     cols: list[str] = []
     for spec in settings.fields:
@@ -300,9 +332,18 @@ def feature_columns(settings: Settings) -> list[str]:
     return cols
 
 
+def engine_columns(settings: Settings) -> list[str]:
+    """The feature columns the engine reads (`encode`): every field's flags and the attributes some
+    level, blocking key or the clustering uses. What the master stores per record."""
+    used = used_attributes(settings)
+    cols = [f"{spec.name}.{flag}" for spec in settings.fields for flag in ("present", "weak", "strong_kind")]
+    return cols + [c for c in feature_columns(settings) if c in used and c not in cols]
+
+
 def has_features(df: pd.DataFrame, settings: Settings) -> bool:
-    """True when `df` already carries the feature columns (e.g. a master stored pre-normalised)."""
-    return all(c in df.columns for c in feature_columns(settings))
+    """True when `df` already carries the feature columns the engine reads (e.g. a master stored
+    pre-normalised)."""
+    return all(c in df.columns for c in engine_columns(settings))
 
 
 @dataclass

@@ -53,56 +53,146 @@ class Split:
 
 _LIVE = "coalesce(c.merged_into, c.customer_id)"
 
+# The records of a run are looked up in the master one by one, by key (a lateral subquery kept
+# apart by `offset 0`): as a plain join the planner may hash a whole crm table, and an hourly run
+# would cost O(master). When the run's records are not few against the master (a nightly full
+# refresh, a first load), the planner is free to join them wholesale instead.
+KEYED_RATIO = 8
+_ROWS_PER_PAGE = 60       # a source_identity row is about 130 bytes
+
+
+def _lookup(cur, records: int) -> str:
+    """'offset 0' (one key lookup per record) unless `records` are many against the master."""
+    return "offset 0" if records * KEYED_RATIO <= master_size(cur, exact_if_unknown=False) else ""
+
+
+_RECORDS = "unnest(%(rs)s::text[], %(ri)s::text[]) as r(source, source_id)"
+
+
+def _decided_of(lookup: str) -> str:
+    """Decided review items with a record in `r` (source, source_id): each found through the item's
+    unique key (a side) or `review_item_b_idx` (b side)."""
+    return f"""
+    cross join lateral (
+        select i.review_id, i.status, i.source_b as other_source, i.source_id_b as other_id,
+               i.source_a || '/' || i.stream_a || '/' || i.source_id_a as ra,
+               i.source_b || '/' || i.stream_b || '/' || i.source_id_b as rb
+        from crm.review_item i
+        where i.source_a = r.source and i.source_id_a = r.source_id and i.status <> 'open'
+        union all
+        select i.review_id, i.status, i.source_a, i.source_id_a,
+               i.source_a || '/' || i.stream_a || '/' || i.source_id_a,
+               i.source_b || '/' || i.stream_b || '/' || i.source_id_b
+        from crm.review_item i
+        where i.source_b = r.source and i.source_id_b = r.source_id and i.status <> 'open'
+        {lookup}) x"""
+
+
+def _record_params(records: list[tuple[str, str]]) -> dict:
+    return {"rs": [r[0] for r in records], "ri": [r[1] for r in records]}
+
 
 def current_customers(cur, records: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """(source, source_id) -> the live customer id (text) of the records already linked."""
     records = list(records)
     if not records:
         return {}
-    sources = [r[0] for r in records]
-    ids = [r[1] for r in records]
     cur.execute(
-        f"""select l.source, l.source_id, {_LIVE}::text
-            from unnest(%s::text[], %s::text[]) as r(source, source_id)
-            join crm.customer_link l using (source, source_id)
-            join crm.customer c on c.customer_id = l.customer_id""",
-        (sources, ids),
+        f"""select r.source, r.source_id, x.customer_id
+            from {_RECORDS}
+            cross join lateral (
+                select {_LIVE}::text as customer_id
+                from crm.customer_link l join crm.customer c on c.customer_id = l.customer_id
+                where l.source = r.source and l.source_id = r.source_id
+                {_lookup(cur, len(records))}) x""",
+        _record_params(records),
     )
     return {(s, i): cid for s, i, cid in cur.fetchall()}
 
 
-def candidates(cur, keys: list[str], cap: int, extra: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
-    """Master records sharing one of the blocking `keys` (plus the `extra` records), engine-ready."""
+def candidates(cur, run_id: str, source: str, records: int, cap: int,
+               extra: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
+    """Master records sharing one of the run's blocking keys (its 'b:' rows of `stg.match_key`, staged
+    by the resolve stage), plus the `extra` records, engine-ready.
+
+    A key value held by more than `cap` master records is skipped (counted up to cap + 1 only).
+    Records the run itself brings (`stg.extracted`) are left out: the engine takes them from the
+    batch, and a full refresh would otherwise read the master whole.
+    """
     extra = list(extra)
+    lookup = _lookup(cur, records)
+    if lookup:
+        keys = f"""select b.key from b cross join lateral (
+                      select count(*) as n from (select 1 from crm.match_key m where m.key = b.key
+                                                 limit %(cap)s + 1) x
+                      {lookup}) c
+                  where c.n between 1 and %(cap)s"""
+        records = f"""select m.source, m.source_id from k cross join lateral (
+                         select m.source, m.source_id from crm.match_key m where m.key = k.key {lookup}) m"""
+    else:
+        keys = "select m.key from crm.match_key m join b using (key) group by m.key having count(*) <= %(cap)s"
+        records = "select m.source, m.source_id from crm.match_key m join k using (key)"
     cur.execute(
         f"""
-        with k as (
-            select key from crm.match_key where key = any(%(keys)s)
-            group by key having count(*) <= %(cap)s
+        with b as (
+            select distinct s.key from stg.match_key s
+            where s.run_id = %(run)s and s.source = %(source)s and s.key like 'b:%%'
+        ), k as ({keys}
         ), r as (
-            select m.source, m.source_id from crm.match_key m join k using (key)
+            {records}
             union
             select * from unnest(%(xs)s::text[], %(xi)s::text[])
         )
-        select i.source || '/' || i.stream || '/' || i.source_id, {_LIVE}::text,
-               i.name, i.phone, i.email, i.company, i.city
-        from r
-        join crm.source_identity i using (source, source_id)
-        join crm.customer_link l using (source, source_id)
-        join crm.customer c on c.customer_id = l.customer_id
+        select x.*
+        from r cross join lateral (
+            select i.source || '/' || i.stream || '/' || i.source_id, {_LIVE}::text,
+                   i.name, i.phone, i.email, i.company, i.city
+            from crm.source_identity i
+            join crm.customer_link l on l.source = i.source and l.source_id = i.source_id
+            join crm.customer c on c.customer_id = l.customer_id
+            where i.source = r.source and i.source_id = r.source_id
+              and not exists (select 1 from stg.extracted e where e.run_id = %(run)s and e.source = i.source
+                              and e.stream = i.stream and e.source_pk = i.source_id)
+            {lookup}) x
         """,
-        {"keys": keys, "cap": cap, "xs": [x[0] for x in extra], "xi": [x[1] for x in extra]},
+        {"run": run_id, "source": source, "cap": cap, "xs": [x[0] for x in extra], "xi": [x[1] for x in extra]},
     )
     return pd.DataFrame(cur.fetchall(), columns=ENGINE_COLUMNS)
 
 
-def term_counts(cur, terms: list[str]) -> dict:
-    """Term frequencies over the master for the batch's values, as `engine.resolve(tf_counts=)` reads them."""
-    if not terms:
-        return {}
+def master_size(cur, *, exact_if_unknown: bool = True) -> int:
+    """Source records in the master, as the planner estimates them (`pg_class`: no scan).
+
+    The statistics' rows per page times the table's pages now: within a few per cent once the
+    table has been analysed or vacuumed. Before that (right after a first load) the table is
+    counted, or with `exact_if_unknown=False` guessed from its size.
+    """
+    cur.execute("""select c.reltuples, c.relpages, pg_relation_size(c.oid) / current_setting('block_size')::int
+                   from pg_class c where c.oid = 'crm.source_identity'::regclass""")
+    tuples, pages, now = cur.fetchone()
+    if tuples > 0 and pages > 0:
+        return int(tuples / pages * now)
+    if not exact_if_unknown:
+        return int(now * _ROWS_PER_PAGE)
     cur.execute("select count(*) from crm.source_identity")
-    total = cur.fetchone()[0]
-    cur.execute("select key, count(*) from crm.match_key where key = any(%s) group by key", (terms,))
+    return int(cur.fetchone()[0])
+
+
+def term_counts(cur, run_id: str, source: str, records: int) -> dict:
+    """Term frequencies over the master for the run's values (its 't:' rows of `stg.match_key`), as
+    `engine.resolve(tf_counts=)` reads them."""
+    total = master_size(cur)
+    terms = """select distinct s.key from stg.match_key s
+               where s.run_id = %(run)s and s.source = %(source)s and s.key like 't:%%'"""
+    if _lookup(cur, records):
+        cur.execute(f"""with t as ({terms})
+                        select t.key, c.n from t cross join lateral (
+                            select count(*) as n from crm.match_key m where m.key = t.key offset 0) c
+                        where c.n > 0""", {"run": run_id, "source": source})
+    else:
+        cur.execute(f"with t as ({terms}) select m.key, count(*) from crm.match_key m join t using (key)"
+                    " group by m.key",
+                    {"run": run_id, "source": source})
     counts: dict = {"total": total}
     for key, n in cur.fetchall():
         column, value = key[2:].split("=", 1)
@@ -115,20 +205,11 @@ def decisions(cur, records: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, 
     records = list(records)
     if not records:
         return [], []
-    cur.execute(
-        """
-        with r as (select * from unnest(%s::text[], %s::text[]) as r(source, source_id))
-        select status, source_a || '/' || stream_a || '/' || source_id_a,
-               source_b || '/' || stream_b || '/' || source_id_b
-        from crm.review_item i
-        where status <> 'open'
-          and (exists (select 1 from r where r.source = i.source_a and r.source_id = i.source_id_a)
-               or exists (select 1 from r where r.source = i.source_b and r.source_id = i.source_id_b))
-        """,
-        ([r[0] for r in records], [r[1] for r in records]),
-    )
+    cur.execute(f"select distinct x.review_id, x.status, x.ra, x.rb from {_RECORDS} "
+                f"{_decided_of(_lookup(cur, len(records)))} order by 1",
+                _record_params(records))
     must, cannot = [], []
-    for status, a, b in cur.fetchall():
+    for _, status, a, b in cur.fetchall():
         (must if status == "same" else cannot).append((a, b))
     return must, cannot
 
@@ -138,35 +219,46 @@ def decided_partners(cur, records: Iterable[tuple[str, str]]) -> list[tuple[str,
     records = list(records)
     if not records:
         return []
-    cur.execute(
-        """
-        with r as (select * from unnest(%s::text[], %s::text[]) as r(source, source_id))
-        select i.source_b, i.source_id_b from crm.review_item i join r
-          on r.source = i.source_a and r.source_id = i.source_id_a where i.status <> 'open'
-        union
-        select i.source_a, i.source_id_a from crm.review_item i join r
-          on r.source = i.source_b and r.source_id = i.source_id_b where i.status <> 'open'
-        """,
-        ([r[0] for r in records], [r[1] for r in records]),
-    )
+    cur.execute(f"select distinct x.other_source, x.other_id from {_RECORDS} {_decided_of(_lookup(cur, len(records)))}",
+                _record_params(records))
     return [tuple(row) for row in cur.fetchall()]
 
 
-def pending_splits(cur) -> list[Split]:
-    """'different' decisions whose two records are still in one customer, and how to split them."""
+def pending_splits(cur, records: Iterable[tuple[str, str]] = ()) -> list[Split]:
+    """'different' decisions whose two records are still in one customer, and how to split them.
+
+    Read: the decisions not applied yet (the stewards' queue, `review_item_pending_idx`) and those
+    with a record in `records` (the run's records and candidates); an applied decision stays
+    applied — the engine and the load's merges never join its two records again — so the rest
+    need not be read. Each item's two links are looked up by primary key.
+    """
+    records = list(records)
+    lookup = _lookup(cur, len(records)) if records else "offset 0"
     cur.execute(
         f"""
-        select i.review_id, {_LIVE}::text,
-               la.source, i.stream_a, la.source_id, la.linked_at,
-               lb.source, i.stream_b, lb.source_id, lb.linked_at
+        with item as (
+            select i.review_id from crm.review_item i
+            where i.applied_run_id is null and i.status <> 'open' and i.status = 'different'
+            union
+            select x.review_id from {_RECORDS} {_decided_of(lookup)} where x.status = 'different'
+        )
+        select y.*
         from crm.review_item i
-        join crm.customer_link la on la.source = i.source_a and la.source_id = i.source_id_a
-        join crm.customer_link lb on lb.source = i.source_b and lb.source_id = i.source_id_b
-        join crm.customer c on c.customer_id = la.customer_id
-        join crm.customer cb on cb.customer_id = lb.customer_id
-        where i.status = 'different' and {_LIVE} = coalesce(cb.merged_into, cb.customer_id)
+        cross join lateral (
+            select i.review_id, {_LIVE}::text,
+                   la.source, i.stream_a, la.source_id, la.linked_at,
+                   lb.source, i.stream_b, lb.source_id, lb.linked_at
+            from crm.customer_link la
+            join crm.customer c on c.customer_id = la.customer_id
+            join crm.customer_link lb on lb.source = i.source_b and lb.source_id = i.source_id_b
+            join crm.customer cb on cb.customer_id = lb.customer_id
+            where la.source = i.source_a and la.source_id = i.source_id_a
+              and {_LIVE} = coalesce(cb.merged_into, cb.customer_id)
+            offset 0) y
+        where i.review_id = any(array(select review_id from item))
         order by i.review_id
-        """
+        """,
+        _record_params(records),
     )
     splits = []
     for review_id, customer, sa, sta, ida, ta, sb, stb, idb, tb in cur.fetchall():

@@ -32,7 +32,7 @@ from phonenumbers import NumberParseException, PhoneNumberType
 __all__ = [
     "Company", "Email", "Name", "Phone",
     "area_code_for_city", "nfkc", "normalize_company", "normalize_email", "normalize_person_name",
-    "normalize_phone", "normalize_phones", "pinyin_syllables", "to_simplified",
+    "best_phone_part", "normalize_phone", "normalize_phones", "phone_parts", "pinyin_syllables", "to_simplified",
 ]
 
 _CACHE = 2**18
@@ -362,12 +362,33 @@ def _normalize_phones(raw: str | None, city: str | None, default_region: str) ->
         return ()
     if _is_blank(nfkc(raw)):
         return ()
+    return tuple(_one_phone(p, city, default_region) for p in _phone_parts(raw))
+
+
+def _phone_parts(raw: str) -> list[str]:
     # NFKC before splitting so full-width separators (／ ； ，) split too; nfkc() would also
     # collapse the line breaks that separate numbers
     text = unicodedata.normalize("NFKC", _drop_invisible(raw))
     parts = [nfkc(p) for p in _RE_PHONE_SPLIT.split(text)]
-    parts = [p for p in parts if p and not _is_blank(p)]
-    return tuple(_one_phone(p, city, default_region) for p in parts)
+    return [p for p in parts if p and not _is_blank(p)]
+
+
+def phone_parts(raw: str | None) -> tuple[str, ...]:
+    """The numbers a phone field holds, as text, in order (`Phone.raw` of `normalize_phones`):
+    splitting only, nothing is parsed."""
+    text = _as_text(raw)
+    if text is None or _is_blank(nfkc(text)):
+        return ()
+    return tuple(_phone_parts(text))
+
+
+def best_phone_part(raw: str | None, city: str | None = None, default_region: str = "CN") -> str | None:
+    """The number of the field `normalize_phone` reports (`Phone.raw` of that part); None when the
+    field holds none."""
+    phones = normalize_phones(raw, city, default_region)
+    if not phones:
+        return None
+    return min(phones, key=lambda p: _KIND_RANK[p.kind]).raw
 
 
 @functools.lru_cache(maxsize=_CACHE)

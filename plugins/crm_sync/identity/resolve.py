@@ -16,28 +16,38 @@ Guarantees:
 - a new customer's id is the uuid5 of its cluster's smallest `source/stream/source_id`, so a
   rerun of the same run gives the same ids;
 - decisions: `linked` (keeps its customer), `merged` (joins a customer holding other records),
-  `review` (a new customer, with an open question to a steward), `new`.
+  `review` (a new customer, with an open question to a steward), `new`;
+- nothing is estimated here: m/u and the prior are the latest stored estimate (`crm.match_params`,
+  written by `estimate`, i.e. `crm-sync identity estimate`) for the source, else for the whole
+  master, else the match config's; the log line names which;
+- each identity value is normalised once (`features.build`): the columns of `stg.resolved` are
+  read from the engine's own features; explanations are built and written a slice at a time.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
+import time
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from crm_sync import paths, runlog, staging
 from crm_sync.config import SourceConfig, StreamConfig
-from crm_sync.identity import engine, features, master, normalize
+from crm_sync.identity import engine, features, master, normalize, scoring
 from crm_sync.identity.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-# Below this many batch records m/u are not estimated: the match config's parameters are used.
-ESTIMATE_MIN_BATCH = 5_000
 IDENTITY_COLUMNS = ["name", "phone", "email", "company", "city"]
+# Records per slice when writing stg.resolved: bounds the explanations held at once.
+WRITE_SLICE = 50_000
+# Master records `crm-sync identity estimate` reads by default (a random sample beyond that).
+ESTIMATE_SAMPLE = 200_000
 
 
 @dataclass(frozen=True)
@@ -66,74 +76,139 @@ def _json(value) -> str:
     return json.dumps(value, ensure_ascii=False, default=default, separators=(",", ":"))
 
 
-def _first_phone(payload: dict, fields: list[str], city) -> tuple[str | None, normalize.Phone | None]:
-    """The best phone among the configured fields: a mobile beats a landline beats invalid."""
-    best: tuple[int, str | None, normalize.Phone | None] = (99, None, None)
-    rank = {"mobile": 0, "landline": 1, "other": 2, "invalid": 3}
-    for name in fields:
-        raw = payload.get(name)
-        if _text(raw) is None:
-            continue
-        phone = normalize.normalize_phone(str(raw), city=city)
-        r = rank.get(phone.kind, 4)
-        if r < best[0]:
-            best = (r, str(raw), phone)
-    return best[1], best[2]
+# ----------------------------------------------------------------------------- the run's records
 
-
-def _text(value) -> str | None:
-    """A payload's identity value as text; None when absent or of a shape no identity can be read
+def _value_sql(cur, key: str | None) -> str:
+    """A payload's identity value as text; NULL when absent or of a shape no identity can be read
     from (an object, a list, a boolean): the map stage quarantines such a record, naming the field."""
-    if value is None or isinstance(value, (dict, list, tuple, bool)):
-        return None
-    text = str(value).strip()
-    return text or None
+    if not key:
+        return "null::text"
+    k = cur.mogrify("%s", (key,)).decode()
+    return f"case when jsonb_typeof(payload -> {k}) in ('string', 'number') then payload ->> {k} end"
 
 
-def _records(cur, run_id: str, cfg: SourceConfig, streams: list[StreamConfig]) -> tuple[pd.DataFrame, list[dict]]:
-    """The run's customer records: engine input columns, and the normalised columns of stg.resolved."""
-    rows: list[dict] = []
-    resolved: list[dict] = []
+def _clean(values: pd.Series) -> np.ndarray:
+    text = values.astype("string").str.strip()
+    return text.astype(object).where(text.notna() & (text != ""), None).to_numpy(dtype=object)
+
+
+def _records(cur, run_id: str, cfg: SourceConfig, streams: list[StreamConfig]) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """The run's customer records as engine input columns, and per phone field of the identity
+    keys the field's own text (`phone_raw` is the field the record's phone was read from).
+
+    Read with COPY into columns: a million payloads never become Python dicts."""
+    frames: list[pd.DataFrame] = []
+    width = max((len(s.identity.phones) for s in streams), default=0)
     for stream in streams:
         keys = stream.identity
-        cur.execute("select source_pk, payload from stg.extracted where run_id = %s and source = %s and stream = %s"
-                    " order by source_pk", (run_id, cfg.source, stream.name))
-        for source_pk, payload in cur.fetchall():
-            def get(key):
-                return _text(payload.get(key)) if key else None
+        phone_cols = [f"phone_{k}" for k in range(width)]
+        exprs = [_value_sql(cur, key) for key in (keys.name, keys.email, keys.company, keys.city)]
+        exprs += [_value_sql(cur, keys.phones[k] if k < len(keys.phones) else None) for k in range(width)]
+        query = cur.mogrify(f"select source_pk, {', '.join(exprs)} from stg.extracted"
+                            " where run_id = %s and source = %s and stream = %s order by source_pk",
+                            (run_id, cfg.source, stream.name)).decode()
+        buf = io.BytesIO()
+        cur.copy_expert(f"copy ({query}) to stdout with (format csv, encoding 'utf8')", buf)
+        names = ["source_pk", "name", "email", "company", "city", *phone_cols]
+        if not buf.tell():
+            continue    # no record of this stream in the run (read_csv cannot read an empty text)
+        buf.seek(0)
+        frame = pd.read_csv(buf, header=None, names=names, dtype=str, keep_default_na=False,
+                            na_values={c: [""] for c in names[1:]}, encoding="utf-8")
+        del buf
+        frame.insert(0, "stream", stream.name)
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["record_id", "source", "stream", "source_pk", *IDENTITY_COLUMNS]), []
+    raw = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    del frames
+    n = len(raw)
+    phone_fields: list[np.ndarray] = []
+    for k in range(width):
+        text = raw[f"phone_{k}"]
+        # the field as the source wrote it, unless there is no text in it
+        phone_fields.append(np.where(pd.isna(_clean(text)), None, text.to_numpy(dtype=object)))
+    stripped = [_clean(raw[f"phone_{k}"]) for k in range(width)]
+    if width == 0:
+        phone = np.full(n, None, dtype=object)
+    elif width == 1:
+        phone = stripped[0]
+    else:
+        phone = np.array([" / ".join(p for p in ps if p is not None) or None for ps in zip(*stripped)], dtype=object)
+    del stripped
+    source_pk = raw["source_pk"].to_numpy(dtype=object)
+    stream_col = raw["stream"].to_numpy(dtype=object)
+    batch = pd.DataFrame({
+        "record_id": (cfg.source + "/" + raw["stream"] + "/" + raw["source_pk"]).to_numpy(dtype=object),
+        "source": np.full(n, cfg.source, dtype=object), "stream": stream_col, "source_pk": source_pk,
+        "name": _clean(raw["name"]), "phone": phone, "email": _clean(raw["email"]),
+        "company": _clean(raw["company"]), "city": _clean(raw["city"]),
+    }, columns=["record_id", "source", "stream", "source_pk", *IDENTITY_COLUMNS], dtype=object)
+    return batch, phone_fields
 
-            phones = [p for p in (_text(payload.get(f)) for f in keys.phones) if p]
-            city = get(keys.city)
-            row = {"record_id": master.record_id(cfg.source, stream.name, source_pk), "source": cfg.source,
-                   "stream": stream.name, "source_pk": source_pk, "name": get(keys.name),
-                   "phone": " / ".join(phones) or None, "email": get(keys.email), "company": get(keys.company),
-                   "city": city}
-            rows.append(row)
-            name = normalize.normalize_person_name(row["name"])
-            phone_raw, phone = _first_phone(payload, keys.phones, city)
-            email = normalize.normalize_email(row["email"])
-            resolved.append({
-                "full_name": name.full or None, "name_key": name.pinyin or None, "phone_raw": phone_raw,
-                "phone_e164": phone.e164 if phone else None, "phone_kind": phone.kind if phone else "empty",
-                "phone_ext": phone.extension if phone else None,
-                # keep what the source said when it does not parse, so validation can see and reject it
-                "email": email.email if email.email else (normalize.nfkc(email.raw) or None),
-                "email_valid": email.valid,
-            })
-    # object dtype: pandas' string dtype would turn a missing value into NaN, stored as the text 'nan'
-    return pd.DataFrame(rows, columns=["record_id", "source", "stream", "source_pk", *IDENTITY_COLUMNS],
-                        dtype=object), resolved
+
+def _objects(values: pd.Series) -> np.ndarray:
+    """An object array with None for a missing value (pandas may hold text columns with NaN)."""
+    arr = values.to_numpy(dtype=object)
+    missing = pd.isna(arr)
+    if missing.any():
+        arr = arr.copy()
+        arr[missing] = None
+    return arr
 
 
-def record_keys(feats: pd.DataFrame, settings: Settings) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per record (row of `feats`): its blocking-key values ('b:<rule>=<v>') and term values ('t:<col>=<v>').
+def _reader(settings: Settings, normaliser: str, column: str, city: str | None = None) -> str | None:
+    """The configured field that normalises `column` as `normaliser` (its features are the record's)."""
+    for spec in settings.fields:
+        if (spec.normaliser == normaliser and spec.source_columns == [column]
+                and (normaliser != "phone" or spec.city_column == city)):
+            return spec.name
+    return None
 
-    Returned as parallel (row positions, keys) arrays, so 1M records need no Python loop.
-    """
-    rows: list[np.ndarray] = []
-    keys: list[np.ndarray] = []
+
+def _record_columns(batch: pd.DataFrame, feats: pd.DataFrame, phone_fields: list[np.ndarray],
+                    settings: Settings) -> dict[str, np.ndarray]:
+    """The normalised columns of stg.resolved, from the features the engine computed (each value was
+    normalised once); a column no configured field reads is normalised here, once per distinct value."""
+    def outputs(normaliser: str, column: str, city: str | None = None) -> dict[str, np.ndarray]:
+        name = _reader(settings, normaliser, column, city)
+        if name is not None:
+            return {attr: _objects(feats[f"{name}.{attr}"]) for attr in features._OUTPUTS[normaliser]}
+        return features.normalise_column(normaliser, batch[column], batch[city] if city else None)
+
+    name = outputs("person_name", "name")
+    email = outputs("email", "email")
+    phone = outputs("phone", "phone", "city")
+    kind = np.where(pd.isna(phone["kind"]), "empty", phone["kind"]).astype(object)
+    # the field the record's phone came from: the first holding the chosen number (as
+    # `normalize_phone` of each field would rank them), else the first with any text
+    phone_raw = np.full(len(batch), None, dtype=object)
+    several = np.zeros(len(batch), dtype=np.int8)
+    for field in reversed(phone_fields):
+        present = pd.notna(field)
+        phone_raw = np.where(present, field, phone_raw)
+        several += present
+    for r in np.flatnonzero((several > 1) & pd.notna(phone["part"])).tolist():
+        part = phone["part"][r]
+        for field in phone_fields:
+            if field[r] is not None and part in normalize.phone_parts(field[r]):
+                phone_raw[r] = field[r]
+                break
+    return {"full_name": name["full"], "name_key": name["key"], "phone_raw": phone_raw, "phone_e164": phone["e164"],
+            "phone_kind": kind, "phone_ext": phone["ext"], "email": email["text"],
+            "email_valid": np.asarray(email["valid"], dtype=bool)}
+
+
+def record_keys(feats: pd.DataFrame, settings: Settings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per blocking rule and term column: (row positions of `feats`, their key values), where a
+    blocking key is 'b:<rule>=<v>' and a term 't:<col>=<v>'. One rule at a time, so a million
+    records never hold all their keys at once."""
     n = len(feats)
+    seen: set[str] = set()
     for rule in settings.blocking:
+        if rule.name in seen:
+            continue
+        seen.add(rule.name)
         ok = np.ones(n, dtype=bool)
         joined: pd.Series | None = None
         for part in rule.keys:
@@ -144,15 +219,102 @@ def record_keys(feats: pd.DataFrame, settings: Settings) -> tuple[list[np.ndarra
                 text = text.str[: part.prefix]
             joined = text if joined is None else joined + "|" + text
         pos = np.flatnonzero(ok)
-        rows.append(pos)
-        keys.append((f"b:{rule.name}=" + joined.iloc[pos]).to_numpy(dtype=object))
+        yield pos, (f"b:{rule.name}=" + joined.iloc[pos]).to_numpy(dtype=object)
     for column in settings.tf_columns():
         values = pd.Series(feats[column].to_numpy(dtype=object), dtype=object)
         pos = np.flatnonzero(values.notna().to_numpy())
-        rows.append(pos)
-        keys.append((f"t:{column}=" + values.iloc[pos].astype(str)).to_numpy(dtype=object))
-    return rows, keys
+        yield pos, (f"t:{column}=" + values.iloc[pos].astype(str)).to_numpy(dtype=object)
 
+
+# ----------------------------------------------------------------------------- parameters
+
+@dataclass(frozen=True)
+class StoredParams:
+    params_id: int
+    source: str | None
+    params: dict
+    matches_per_record: float | None
+    records: int
+    estimated_at: Any
+
+    def describe(self) -> str:
+        scope = f"source {self.source}" if self.source else "the whole master"
+        return (f"stored estimate #{self.params_id} ({scope}, {self.records:,} records, "
+                f"{self.estimated_at:%Y-%m-%d %H:%M%z})")
+
+
+def stored_params(cur, settings: Settings, source: str | None) -> StoredParams | None:
+    """The latest estimate of the match config for `source`, else for the whole master, else None."""
+    cur.execute(
+        """select params_id, source, params, matches_per_record, records, estimated_at from crm.match_params
+           where config = %s and (source = %s or source is null)
+           order by source is null, estimated_at desc, params_id desc limit 1""",
+        (settings.name, source),
+    )
+    row = cur.fetchone()
+    return StoredParams(*row) if row else None
+
+
+def run_params(stored: StoredParams | None, settings: Settings, records: int) -> scoring.Params | None:
+    """The engine's parameters for a run over `records` records (batch and candidates): None means the
+    config's (the engine scales their prior itself); a stored estimate's prior is scaled the same way."""
+    if stored is None:
+        return None
+    params = scoring.Params.from_dict(stored.params, settings)
+    if stored.matches_per_record:
+        params.prior = min(0.5, stored.matches_per_record / max(records - 1, 1))
+    params.origin = {"m": stored.describe(), "u": stored.describe(),
+                     "prior": f"{stored.describe()}: matches_per_record {stored.matches_per_record or 0:g} "
+                              f"/ ({records} records - 1)" if stored.matches_per_record else stored.describe()}
+    return params
+
+
+def estimate(conn, source: str | None = None, sample: int = ESTIMATE_SAMPLE, by: str = "crm-sync",
+             seed: int = 20240601) -> dict:
+    """Estimate m/u and the prior by EM over (a random sample of) the master's records, store them in
+    `crm.match_params` and return a summary. The resolve stage uses the latest from its next run."""
+    settings = match_settings()
+    where, args = ("where source = %s", [source]) if source else ("", [])
+    with conn.cursor() as cur:
+        cur.execute(f"select count(*) from crm.source_identity {where}", args)
+        population = int(cur.fetchone()[0])
+        if population < settings.estimation.min_records:
+            scope = f"source '{source}'" if source else "the master"
+            raise ValueError(f"{scope} holds {population:,} records: too few to estimate m/u "
+                             f"(estimation.min_records is {settings.estimation.min_records:,}); the match config's "
+                             "values stay in use")
+        sampled = ""
+        if population > sample:
+            percent = 100.0 * sample / population
+            sampled = cur.mogrify(" tablesample bernoulli (%s) repeatable (%s)", (percent, seed)).decode()
+        cur.execute(f"""select source || '/' || stream || '/' || source_id, name, phone, email, company, city
+                        from crm.source_identity{sampled} {where}""", args)
+        records = pd.DataFrame(cur.fetchall(), columns=["record_id", *IDENTITY_COLUMNS], dtype=object)
+    t0 = time.perf_counter()
+    res = engine.resolve(records, settings, estimate=True, explain=False)
+    if "note" in res.params.origin or not res.stats.get("em_sessions"):
+        raise ValueError(f"estimation did not run on {len(records):,} sampled records: "
+                         f"{res.params.origin.get('note', 'no candidate pairs')}")
+    doc = res.params.to_dict(settings)
+    # the sample's prior as other records of one person per record in the population it was drawn
+    # from: a run scales it to its own size, as the config's matches_per_record
+    per_record = float(res.params.prior) * (population - 1)
+    stats = {"population": population, "sampled": len(records), "candidate_pairs": res.stats["candidate_pairs"],
+             "u_pairs_sampled": res.stats.get("u_pairs_sampled"), "em_sessions": res.stats.get("em_sessions"),
+             "blocked_match_rate": res.stats.get("blocked_match_rate"), "seconds": round(time.perf_counter() - t0, 1)}
+    with conn.cursor() as cur:
+        cur.execute(
+            """insert into crm.match_params (config, source, params, matches_per_record, records, stats, estimated_by)
+               values (%s, %s, %s, %s, %s, %s, %s) returning params_id, estimated_at""",
+            (settings.name, source, _json(doc), per_record, len(records), _json(stats), by),
+        )
+        params_id, at = cur.fetchone()
+    conn.commit()
+    return {"params_id": params_id, "config": settings.name, "source": source, "estimated_at": at,
+            "records": len(records), "matches_per_record": per_record, **stats, "params": doc}
+
+
+# ----------------------------------------------------------------------------- the stage
 
 def _decision(rid: str, engine_decision: str, cluster: str, previous: str | None, existing: set[str]) -> tuple[str, str]:
     """(decision, match_rule) of one record from the engine's outcome and its previous customer."""
@@ -167,88 +329,105 @@ def _decision(rid: str, engine_decision: str, cluster: str, previous: str | None
     return "new", "no_match"
 
 
+def _stage_match_keys(cur, run_id: str, batch: pd.DataFrame, feats: pd.DataFrame, settings: Settings) -> None:
+    source, stream, pk = (batch[c].to_numpy(dtype=object) for c in ("source", "stream", "source_pk"))
+    for pos, keys in record_keys(feats, settings):
+        staging.copy_rows(cur, "stg.match_key", ["run_id", "source", "stream", "source_pk", "key"],
+                          zip([run_id] * len(pos), source[pos], stream[pos], pk[pos], keys))
+    staging.analyze(cur, "stg.match_key")
+
+
 def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
     settings = match_settings()
     streams = [s for s in cfg.streams if s.entity == "customer"]
     with conn.cursor() as cur:
-        batch, resolved_cols = _records(cur, run_id, cfg, streams)
         for table in ("stg.resolved", "stg.identity_input", "stg.match_key"):
             for stream in streams:
                 staging.delete_run(cur, table, run_id, cfg.source, stream.name)
         for table in ("stg.review_pair", "stg.cluster_merge"):
             staging.delete_run(cur, table, run_id, cfg.source)
+        batch, phone_fields = _records(cur, run_id, cfg, streams) if streams else (pd.DataFrame(), [])
         if batch.empty:
             runlog.update(cur, run_id, cfg.source, ids_linked=0, ids_merged=0, ids_new=0, ids_review=0)
             return ResolveResult(records=0, linked=0, merged=0, new=0)
 
         feats = features.build(batch[["record_id", *IDENTITY_COLUMNS]], settings)
-        key_rows, key_values = record_keys(feats, settings)
-        all_rows = np.concatenate(key_rows) if key_rows else np.empty(0, dtype=np.int64)
-        all_keys = np.concatenate(key_values) if key_values else np.empty(0, dtype=object)
-        blocking_keys = sorted({k for k in all_keys if k.startswith("b:")})
-        terms = sorted({k for k in all_keys if k.startswith("t:")})
+        own = _record_columns(batch, feats, phone_fields, settings)
+        del phone_fields
+        _stage_match_keys(cur, run_id, batch, feats, settings)
 
         # the master as it will be once this run's load executes the pending splits
-        splits = {}
-        for s in master.pending_splits(cur):
-            splits.setdefault((s.source, s.source_id), str(s.to_customer))
         batch_records = list(zip(batch["source"], batch["source_pk"]))
         previous = master.current_customers(cur, batch_records)
-        previous = {k: splits.get(k, v) for k, v in previous.items()}
         cap = max([settings.max_block_size] + [r.max_block_size or 0 for r in settings.blocking])
         partners = master.decided_partners(cur, batch_records)
-        cands = master.candidates(cur, blocking_keys, cap, partners)
+        cands = master.candidates(cur, run_id, cfg.source, len(batch), cap, partners)
+        cand_records = [master.split_record_id(r)[::2] for r in cands["record_id"]]
+        splits = {}
+        for s in master.pending_splits(cur, batch_records + cand_records):
+            splits.setdefault((s.source, s.source_id), str(s.to_customer))
+        previous = {k: splits.get(k, v) for k, v in previous.items()}
         if len(cands):
-            moved = [splits.get(master.split_record_id(r)[::2]) for r in cands["record_id"]]
+            moved = [splits.get(r) for r in cand_records]
             cands["cluster_id"] = [m or c for m, c in zip(moved, cands["cluster_id"])]
-        must, cannot = master.decisions(cur, batch_records + [master.split_record_id(r)[::2]
-                                                               for r in cands["record_id"]])
-        tf = master.term_counts(cur, terms)
+        must, cannot = master.decisions(cur, batch_records + cand_records)
+        del cand_records
+        tf = master.term_counts(cur, run_id, cfg.source, len(batch))
 
-        batch_in = feats.copy()
-        batch_in["record_id"] = batch["record_id"].to_numpy()
-        prev_col = [previous.get(k) for k in batch_records]
-        batch_in["cluster_id"] = pd.Series(prev_col, dtype=object)
-        res = engine.resolve(batch_in, settings, cands if len(cands) else None, must_link=must, cannot_link=cannot,
-                             tf_counts=tf, estimate=len(batch) >= ESTIMATE_MIN_BATCH)
-        existing = {c for c in prev_col if c} | set(cands["cluster_id"]) if len(cands) else {c for c in prev_col if c}
+        stored = stored_params(cur, settings, cfg.source)
+        params = run_params(stored, settings, len(batch) + len(cands))
+        prev_col = np.array([previous.get(k) for k in batch_records], dtype=object)
+        del batch_records, previous
+        feats["record_id"] = batch["record_id"].to_numpy()
+        feats["cluster_id"] = pd.Series(prev_col, dtype=object)
+        res = engine.resolve(feats, settings, cands if len(cands) else None, must_link=must, cannot_link=cannot,
+                             tf_counts=tf, estimate=False, params=params, explain=False)
+        del feats
+        existing = {c for c in prev_col if c is not None}
+        if len(cands):
+            existing |= set(cands["cluster_id"])
+        n_cands = len(cands)
+        del cands
 
         def customer(cluster: str) -> str:
             return cluster if cluster in existing else str(master.new_customer_id(cluster))
 
         a = res.assignments
-        out_rows = []
         counts = {"linked": 0, "merged": 0, "review": 0, "new": 0}
         new_customers: set[str] = set()
-        for (rid, source, stream, pk), prev, cluster, dec, prob, expl, norm in zip(
-                batch[["record_id", "source", "stream", "source_pk"]].itertuples(index=False, name=None), prev_col,
-                a["cluster_id"], a["decision"], a["probability"], a["explanation"], resolved_cols):
-            decision, rule = _decision(rid, dec, cluster, prev, existing)
-            if rule == "engine_match" and isinstance(expl, dict) and expl.get("rule") == "must_link":
-                rule = "steward_same"
-            cid = customer(cluster)
-            counts[decision] += 1
-            if cid not in existing:
-                new_customers.add(cid)
-            out_rows.append((run_id, source, stream, pk, cid, decision, rule, float(prob), _json(expl or {}),
-                             norm["full_name"], norm["name_key"], norm["phone_raw"], norm["phone_e164"],
-                             norm["phone_kind"], norm["phone_ext"], norm["email"], norm["email_valid"]))
+        record_cols = ("full_name", "name_key", "phone_raw", "phone_e164", "phone_kind", "phone_ext", "email",
+                       "email_valid")
+
+        def resolved_rows() -> Iterator[tuple]:
+            for start in range(0, len(batch), WRITE_SLICE):
+                stop = min(start + WRITE_SLICE, len(batch))
+                part = slice(start, stop)
+                explanations = res.explanations(start, stop)
+                cols = [batch[c].to_numpy(dtype=object)[part].tolist() for c in ("record_id", "stream", "source_pk")]
+                cols += [prev_col[part].tolist(), a["cluster_id"].to_numpy(dtype=object)[part].tolist(),
+                         a["decision"].to_numpy(dtype=object)[part].tolist(),
+                         a["probability"].to_numpy(dtype=float)[part].tolist()]
+                cols += [own[c][part].tolist() for c in record_cols]
+                for (rid, stream, pk, prev, cluster, dec, prob, *norm), expl in zip(zip(*cols), explanations):
+                    decision, rule = _decision(rid, dec, cluster, prev, existing)
+                    if rule == "engine_match" and expl.get("rule") == "must_link":
+                        rule = "steward_same"
+                    cid = customer(cluster)
+                    counts[decision] += 1
+                    if cid not in existing:
+                        new_customers.add(cid)
+                    yield (run_id, cfg.source, stream, pk, cid, decision, rule, prob, _json(expl), *norm)
+                del explanations, cols
+
         staging.copy_rows(
             cur, "stg.resolved",
             ["run_id", "source", "stream", "source_pk", "customer_id", "decision", "match_rule", "match_score",
-             "explanation", "full_name", "name_key", "phone_raw", "phone_e164", "phone_kind", "phone_ext",
-             "email", "email_valid"], out_rows)
+             "explanation", *record_cols], resolved_rows())
+        del own
         staging.copy_rows(
             cur, "stg.identity_input", ["run_id", "source", "stream", "source_pk", *IDENTITY_COLUMNS],
-            ((run_id, *row) for row in batch[["source", "stream", "source_pk", *IDENTITY_COLUMNS]]
-             .itertuples(index=False, name=None)))
-        if len(all_rows):
-            keyed = pd.DataFrame({"pos": all_rows, "key": all_keys}).drop_duplicates()
-            staging.copy_rows(
-                cur, "stg.match_key", ["run_id", "source", "stream", "source_pk", "key"],
-                zip([run_id] * len(keyed), batch["source"].to_numpy()[keyed["pos"]],
-                    batch["stream"].to_numpy()[keyed["pos"]], batch["source_pk"].to_numpy()[keyed["pos"]],
-                    keyed["key"]))
+            zip([run_id] * len(batch), *(batch[c].to_numpy(dtype=object)
+                                          for c in ("source", "stream", "source_pk", *IDENTITY_COLUMNS))))
         review = res.review_pairs
         staging.copy_rows(
             cur, "stg.review_pair", ["run_id", "source", "record_a", "record_b", "probability", "reason",
@@ -263,12 +442,13 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
             ((run_id, cfg.source, customer(s), customer(ab), ra, rb, float(p), _json(ex))
              for s, ab, ra, rb, p, ex in merges[["survivor", "absorbed", "record_a", "record_b", "probability",
                                                  "explanation"]].itertuples(index=False, name=None)))
-        for table in ("stg.resolved", "stg.identity_input", "stg.match_key"):
+        for table in ("stg.resolved", "stg.identity_input"):
             staging.analyze(cur, table)
         runlog.update(cur, run_id, cfg.source, ids_linked=counts["linked"], ids_merged=counts["merged"],
                       ids_new=len(new_customers), ids_review=len(review))
         log.info("resolve %s/%s: %d records (%d master candidates): %s, %d new customers, %d review pairs, "
-                 "%d customer merges; engine %s", cfg.source, run_id, len(batch), len(cands), counts,
-                 len(new_customers), len(review), len(merges), res.stats.get("seconds"))
+                 "%d customer merges; parameters: %s; engine %s", cfg.source, run_id, len(batch), n_cands, counts,
+                 len(new_customers), len(review), len(merges),
+                 stored.describe() if stored else "the match config's (no stored estimate)", res.stats.get("seconds"))
     return ResolveResult(records=len(batch), linked=counts["linked"], merged=counts["merged"],
                          new=len(new_customers), review=len(review), cluster_merges=len(merges))
