@@ -151,8 +151,10 @@ def candidates(cur, run_id: str, source: str, records: int, cap: int,
             join crm.customer_link l on l.source = i.source and l.source_id = i.source_id
             join crm.customer c on c.customer_id = l.customer_id
             where i.source = r.source and i.source_id = r.source_id
-              and not exists (select 1 from stg.extracted e where e.run_id = %(run)s and e.source = i.source
-                              and e.stream = i.stream and e.source_pk = i.source_id)
+              -- only this source's own records: DAGs of other sources may share the run id
+              and not (i.source = %(source)s and exists (
+                  select 1 from stg.extracted e where e.run_id = %(run)s and e.source = %(source)s
+                  and e.stream = i.stream and e.source_pk = i.source_id))
             {lookup}) x
         """,
         {"run": run_id, "source": source, "cap": cap, "xs": [x[0] for x in extra], "xi": [x[1] for x in extra]},
