@@ -180,10 +180,18 @@ def master_size(cur, *, exact_if_unknown: bool = True) -> int:
     return int(cur.fetchone()[0])
 
 
+def master_records(cur) -> int:
+    """Source records in the master, exactly: the counter migration 0013's triggers keep (no scan).
+    Term-frequency weights divide by it, so the same data scores the same whenever it runs."""
+    cur.execute("select source_identities from crm.master_count")
+    row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 def term_counts(cur, run_id: str, source: str, records: int) -> dict:
     """Term frequencies over the master for the run's values (its 't:' rows of `stg.match_key`), as
     `engine.resolve(tf_counts=)` reads them."""
-    total = master_size(cur)
+    total = master_records(cur)
     terms = """select distinct s.key from stg.match_key s
                where s.run_id = %(run)s and s.source = %(source)s and s.key like 't:%%'"""
     if _lookup(cur, records):
