@@ -51,13 +51,23 @@ def _load_customers(cur, run_id: str, source: str) -> tuple[int, int]:
                 (run_id, source))
     accepted = cur.fetchone()[0]
     cur.execute(f"drop table if exists pg_temp.{CHANGED}")
+    # a small batch looks its keys up one by one (the planner, with a master of stale statistics, may
+    # otherwise hash the whole of crm.source_customer); a big one joins, as facts._bulk decides
+    cur.execute("select reltuples from pg_class where oid = 'crm.source_customer'::regclass")
+    master_rows = max(cur.fetchone()[0], 0)
+    if accepted > facts.BULK_MIN and accepted > 0.2 * master_rows:
+        master_row = "left join crm.source_customer s on s.source = m.source and s.source_id = m.source_pk"
+    else:
+        master_row = """left join lateral (
+            select s.source_id, s.customer_id, s.row_hash, s.deleted_at from crm.source_customer s
+            where s.source = m.source and s.source_id = m.source_pk offset 0) s on true"""
     # sorted by key, so index inserts stay local
     cur.execute(
         f"""
         create temp table {CHANGED} on commit drop as
         select m.*, s.customer_id as old_customer_id
         from stg.mapped_customer m
-        left join crm.source_customer s on s.source = m.source and s.source_id = m.source_pk
+        {master_row}
         where m.run_id = %s and m.source = %s and {ACCEPTED}
           and (s.source_id is null or s.deleted_at is not null
                or (s.row_hash, s.customer_id) is distinct from (m.row_hash, m.customer_id))
