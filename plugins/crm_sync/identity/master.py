@@ -156,6 +156,7 @@ def candidates(cur, run_id: str, source: str, records: int, cap: int,
                   select 1 from stg.extracted e where e.run_id = %(run)s and e.source = %(source)s
                   and e.stream = i.stream and e.source_pk = i.source_id))
             {lookup}) x
+        order by 1   -- ties between equally good candidates resolve the same way whatever the plan
         """,
         {"run": run_id, "source": source, "cap": cap, "xs": [x[0] for x in extra], "xi": [x[1] for x in extra]},
     )
