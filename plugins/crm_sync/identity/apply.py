@@ -41,8 +41,9 @@ class ApplyResult:
 
 def _store_identity(cur, run_id: str, source: str) -> None:
     """Identity input and match keys of the accepted records whose identity input the master does not
-    hold yet (new records, changed ones): the keys are a function of the input, so an unchanged
-    record's stored keys are already right and are not touched. New records' keys are inserted in
+    hold yet (new records, changed ones, or stored under another `features.match_version`), with their
+    engine features: keys and features are a function of the input and that version, so an unchanged
+    record's stored ones are already right and are not touched. New records' keys are inserted in
     key order (local index inserts); only changed records have old keys to delete."""
     cur.execute("select exists (select 1 from stg.identity_input where run_id = %s and source = %s)", (run_id, source))
     if not cur.fetchone()[0]:
@@ -51,15 +52,15 @@ def _store_identity(cur, run_id: str, source: str) -> None:
     cur.execute(
         f"""create temporary table identity_changed on commit drop as
             select i.source, i.stream, i.source_pk, i.name, i.phone, i.email, i.company, i.city, i.run_id,
-                   t.source_id is null as is_new
+                   i.match_version, i.match_features, t.source_id is null as is_new
             from stg.identity_input i
             join stg.mapped_customer m on m.run_id = i.run_id and m.source = i.source and m.stream = i.stream
                                       and m.source_pk = i.source_pk
             left join crm.source_identity t on t.source = i.source and t.source_id = i.source_pk
             where i.run_id = %s and i.source = %s and {ACCEPTED}
               and (t.source_id is null
-                   or (t.stream, t.name, t.phone, t.email, t.company, t.city)
-                      is distinct from (i.stream, i.name, i.phone, i.email, i.company, i.city))
+                   or (t.stream, t.name, t.phone, t.email, t.company, t.city, t.match_version)
+                      is distinct from (i.stream, i.name, i.phone, i.email, i.company, i.city, i.match_version))
             order by i.source_pk""",
         (run_id, source),
     )
@@ -69,16 +70,19 @@ def _store_identity(cur, run_id: str, source: str) -> None:
     cur.execute("analyze identity_changed")
     cur.execute(
         """
-        insert into crm.source_identity as t (source, source_id, stream, name, phone, email, company, city, loaded_run_id)
-        select i.source, i.source_pk, i.stream, i.name, i.phone, i.email, i.company, i.city, i.run_id
+        insert into crm.source_identity as t (source, source_id, stream, name, phone, email, company, city, loaded_run_id,
+                                              match_version, match_features)
+        select i.source, i.source_pk, i.stream, i.name, i.phone, i.email, i.company, i.city, i.run_id,
+               i.match_version, i.match_features
         from identity_changed i
         order by i.source_pk
         on conflict (source, source_id) do update set
             stream = excluded.stream, name = excluded.name, phone = excluded.phone, email = excluded.email,
-            company = excluded.company, city = excluded.city, loaded_run_id = excluded.loaded_run_id
-        where (t.stream, t.name, t.phone, t.email, t.company, t.city)
+            company = excluded.company, city = excluded.city, loaded_run_id = excluded.loaded_run_id,
+            match_version = excluded.match_version, match_features = excluded.match_features
+        where (t.stream, t.name, t.phone, t.email, t.company, t.city, t.match_version)
               is distinct from (excluded.stream, excluded.name, excluded.phone, excluded.email, excluded.company,
-                                excluded.city)
+                                excluded.city, excluded.match_version)
         """
     )
     cur.execute(

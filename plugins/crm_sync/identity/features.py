@@ -340,6 +340,88 @@ def engine_columns(settings: Settings) -> list[str]:
     return cols + [c for c in feature_columns(settings) if c in used and c not in cols]
 
 
+# Bump when a normaliser's output changes for the same input: stored master features made by an
+# older normaliser then stop matching `match_version` and are rebuilt (see `match_version`).
+NORMALISERS_VERSION = 1
+_FLAGS = ("present", "weak", "strong_kind")
+_TF = np.array(["f", "t"], dtype=object)
+
+
+def match_version(settings: Settings) -> str:
+    """What a record's stored features and match keys are a function of, besides its identity input:
+    the fields' normalisers and columns, the engine's columns, the blocking rules and term columns,
+    the normalisers' own version and the libraries they stand on. Equal versions, equal outputs."""
+    import hashlib
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    def lib(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    doc = {
+        "normalisers": NORMALISERS_VERSION,
+        "libraries": {name: lib(name) for name in ("phonenumbers", "opencc", "pypinyin")},
+        "fields": [[s.name, s.normaliser, s.source_columns, s.city_column, s.use] for s in settings.fields],
+        "columns": engine_columns(settings),
+        "blocking": [[r.name, [str(k) for k in r.keys]] for r in settings.blocking],
+        "terms": settings.tf_columns(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# `match_features` is one text per record: the engine columns joined by a unit separator, an absent
+# value written as a record separator. (A text[] costs three times as much to encode and decode.)
+_SEP, _NONE = "\x1f", "\x1e"
+
+
+def stored_features(feats: pd.DataFrame, settings: Settings) -> list[str | None]:
+    """Per row of `feats` (from `build`): its engine columns (`engine_columns`) as the text
+    `crm.source_identity.match_features` stores — flags as 't'/'f'. A record with a value holding
+    one of the two separator characters gets None: it is normalised again when it is a candidate."""
+    columns = []
+    unstorable = np.zeros(len(feats), dtype=bool)
+    for column in engine_columns(settings):
+        series = feats[column]
+        if column.rsplit(".", 1)[1] in _FLAGS:
+            # the two strings shared by every row, not one object per row and flag
+            columns.append(_TF[series.to_numpy(dtype=bool).astype(np.intp)].tolist())
+            continue
+        missing = series.isna().to_numpy()
+        values = series.to_numpy(dtype=object)
+        text = [_NONE if m else str(v) for v, m in zip(values.tolist(), missing)]
+        unstorable |= np.fromiter((_SEP in t or (_NONE in t and t != _NONE) for t in text), dtype=bool,
+                                  count=len(text)) if text else unstorable
+        columns.append(text)
+    if not columns:
+        return [None] * len(feats)
+    out: list[str | None] = [_SEP.join(row) for row in zip(*columns)]
+    for k in np.flatnonzero(unstorable):
+        out[k] = None
+    return out
+
+
+def from_stored(texts: list[str], settings: Settings) -> pd.DataFrame:
+    """The engine columns back from `stored_features` texts, as `build` gives them (bool flags,
+    object values): what the engine reads of a master record stored pre-normalised."""
+    columns = engine_columns(settings)
+    table = np.empty((len(texts), len(columns)), dtype=object)
+    if texts:
+        table[:] = [t.split(_SEP) for t in texts]
+    out: dict[str, np.ndarray] = {}
+    for k, column in enumerate(columns):
+        values = table[:, k]
+        if column.rsplit(".", 1)[1] in _FLAGS:
+            out[column] = values == "t"
+        else:
+            values = values.copy()
+            values[values == _NONE] = None
+            out[column] = values
+    return pd.DataFrame(out, index=pd.RangeIndex(len(texts)))
+
+
 def has_features(df: pd.DataFrame, settings: Settings) -> bool:
     """True when `df` already carries the feature columns the engine reads (e.g. a master stored
     pre-normalised)."""

@@ -20,7 +20,10 @@ from typing import Iterable
 import pandas as pd
 
 NAMESPACE = uuid.UUID("6f1d3c3e-5a0b-4a57-9d0e-43a1c0c8a001")   # the same namespace as the first matcher
-ENGINE_COLUMNS = ["record_id", "cluster_id", "name", "phone", "email", "company", "city"]
+# what `candidates` returns per master record: its ids, its identity input, and the engine features
+# stored with that input (migration 0014; `match_version` says what made them)
+ENGINE_COLUMNS = ["record_id", "cluster_id", "name", "phone", "email", "company", "city", "match_version",
+                  "match_features"]
 
 
 def record_id(source: str, stream: str, source_id: str) -> str:
@@ -58,7 +61,7 @@ _LIVE = "coalesce(c.merged_into, c.customer_id)"
 # would cost O(master). When the run's records are not few against the master (a nightly full
 # refresh, a first load), the planner is free to join them wholesale instead.
 KEYED_RATIO = 8
-_ROWS_PER_PAGE = 60       # a source_identity row is about 130 bytes
+_ROWS_PER_PAGE = 27       # a source_identity row is about 300 bytes with its stored features (0014)
 
 
 def _lookup(cur, records: int) -> str:
@@ -146,7 +149,7 @@ def candidates(cur, run_id: str, source: str, records: int, cap: int,
         select x.*
         from r cross join lateral (
             select i.source || '/' || i.stream || '/' || i.source_id, {_LIVE}::text,
-                   i.name, i.phone, i.email, i.company, i.city
+                   i.name, i.phone, i.email, i.company, i.city, i.match_version, i.match_features
             from crm.source_identity i
             join crm.customer_link l on l.source = i.source and l.source_id = i.source_id
             join crm.customer c on c.customer_id = l.customer_id

@@ -337,6 +337,47 @@ def _stage_match_keys(cur, run_id: str, batch: pd.DataFrame, feats: pd.DataFrame
     staging.analyze(cur, "stg.match_key")
 
 
+def _stage_identity_input(cur, run_id: str, batch: pd.DataFrame, feats: pd.DataFrame, settings: Settings,
+                          version: str) -> None:
+    """Each record's identity input with its engine features (`features.stored_features`): the load
+    stores both in `crm.source_identity`, so later runs read this record's features, not rebuild them."""
+    def rows() -> Iterator[tuple]:
+        cols = [batch[c].to_numpy(dtype=object) for c in ("source", "stream", "source_pk", *IDENTITY_COLUMNS)]
+        for start in range(0, len(batch), WRITE_SLICE):
+            part = slice(start, start + WRITE_SLICE)
+            stored = features.stored_features(feats.iloc[part], settings)
+            yield from zip([run_id] * len(stored), *(c[part].tolist() for c in cols), [version] * len(stored),
+                           stored)
+
+    staging.copy_rows(cur, "stg.identity_input", ["run_id", "source", "stream", "source_pk", *IDENTITY_COLUMNS,
+                                                  "match_version", "match_features"], rows())
+    staging.analyze(cur, "stg.identity_input")
+
+
+def master_features(cands: pd.DataFrame, settings: Settings, version: str) -> pd.DataFrame:
+    """The master candidates as the engine reads them: record and cluster ids with the engine's feature
+    columns — stored ones where their version is current, normalised here for the rest (records
+    stored before migration 0014, or under another match config or normaliser version)."""
+    columns = features.engine_columns(settings)
+    stored = (cands["match_version"] == version).to_numpy(dtype=bool) & cands["match_features"].notna().to_numpy()
+    parts = []
+    if stored.any():
+        part = features.from_stored(cands["match_features"].to_numpy(dtype=object)[stored].tolist(), settings)
+        part.index = np.flatnonzero(stored)
+        parts.append(part)
+    if not stored.all():
+        rebuilt = features.build(cands.loc[~stored, ["record_id", *IDENTITY_COLUMNS]].reset_index(drop=True),
+                                 settings)[columns]
+        rebuilt.index = np.flatnonzero(~stored)
+        parts.append(rebuilt)
+    out = (parts[0] if len(parts) == 1 else pd.concat(parts).sort_index()).reset_index(drop=True)
+    out.insert(0, "record_id", cands["record_id"].to_numpy(dtype=object))
+    out.insert(1, "cluster_id", cands["cluster_id"].to_numpy(dtype=object))
+    log.info("resolve: %d master candidates, %d with stored features, %d normalised in this run",
+             len(cands), int(stored.sum()), int((~stored).sum()))
+    return out
+
+
 def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
     settings = match_settings()
     streams = [s for s in cfg.streams if s.entity == "customer"]
@@ -354,7 +395,9 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
         feats = features.build(batch[["record_id", *IDENTITY_COLUMNS]], settings)
         own = _record_columns(batch, feats, phone_fields, settings)
         del phone_fields
+        version = features.match_version(settings)
         _stage_match_keys(cur, run_id, batch, feats, settings)
+        _stage_identity_input(cur, run_id, batch, feats, settings, version)
 
         # the master as it will be once this run's load executes the pending splits
         batch_records = list(zip(batch["source"], batch["source_pk"]))
@@ -380,7 +423,8 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
         del batch_records, previous
         feats["record_id"] = batch["record_id"].to_numpy()
         feats["cluster_id"] = pd.Series(prev_col, dtype=object)
-        res = engine.resolve(feats, settings, cands if len(cands) else None, must_link=must, cannot_link=cannot,
+        res = engine.resolve(feats, settings, master_features(cands, settings, version) if len(cands) else None,
+                             must_link=must, cannot_link=cannot,
                              tf_counts=tf, estimate=False, params=params, explain=False)
         del feats
         existing = {c for c in prev_col if c is not None}
@@ -424,10 +468,6 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
             ["run_id", "source", "stream", "source_pk", "customer_id", "decision", "match_rule", "match_score",
              "explanation", *record_cols], resolved_rows())
         del own
-        staging.copy_rows(
-            cur, "stg.identity_input", ["run_id", "source", "stream", "source_pk", *IDENTITY_COLUMNS],
-            zip([run_id] * len(batch), *(batch[c].to_numpy(dtype=object)
-                                          for c in ("source", "stream", "source_pk", *IDENTITY_COLUMNS))))
         review = res.review_pairs
         staging.copy_rows(
             cur, "stg.review_pair", ["run_id", "source", "record_a", "record_b", "probability", "reason",
@@ -442,8 +482,7 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
             ((run_id, cfg.source, customer(s), customer(ab), ra, rb, float(p), _json(ex))
              for s, ab, ra, rb, p, ex in merges[["survivor", "absorbed", "record_a", "record_b", "probability",
                                                  "explanation"]].itertuples(index=False, name=None)))
-        for table in ("stg.resolved", "stg.identity_input"):
-            staging.analyze(cur, table)
+        staging.analyze(cur, "stg.resolved")
         runlog.update(cur, run_id, cfg.source, ids_linked=counts["linked"], ids_merged=counts["merged"],
                       ids_new=len(new_customers), ids_review=len(review))
         log.info("resolve %s/%s: %d records (%d master candidates): %s, %d new customers, %d review pairs, "
