@@ -47,7 +47,7 @@ def bag():
 def test_no_import_errors(bag):
     assert bag["errors"] == {}
     sources = ("erp", "ticketing", "im", "callcenter", "finance", "spreadsheet")
-    assert set(bag["dags"]) == {f"crm_sync__{s}" for s in sources}
+    assert set(bag["dags"]) == {f"crm_sync__{s}" for s in sources} | {"crm_sync__identity_estimate"}
     # each API source's calls go through its own pool
     for source in ("ticketing", "im", "callcenter"):
         extracts = [t for tid, t in bag["dags"][f"crm_sync__{source}"]["tasks"].items() if tid.startswith("extract.")]
@@ -110,3 +110,10 @@ def test_a_broken_source_yaml_fails_only_its_own_dag(tmp_path):
     assert path.endswith("crm_sync__ticketing.py")
     assert str(broken) in message
     assert "streams.0.bogus_key" in message
+
+
+def test_the_match_parameters_are_re_estimated_on_a_schedule_not_by_runs(bag):
+    """Issue 11: m/u estimated when the operator asks or on a schedule, never per batch."""
+    estimate = bag["dags"]["crm_sync__identity_estimate"]
+    assert list(estimate["tasks"]) == ["estimate"]
+    assert estimate["timetable"] == "CronDataIntervalTimetable"

@@ -45,6 +45,24 @@ def test_estimate_refuses_a_master_too_small_and_says_why(fresh_dsn, monkeypatch
         assert cur.fetchone()[0] == 0
 
 
+def _scheduled_estimate(dsn: str, monkeypatch) -> dict:
+    """The task of the `crm_sync__identity_estimate` DAG, as its Airflow run calls it."""
+    from types import SimpleNamespace
+
+    from crm_sync import tasks
+
+    monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", db.airflow_conn_json(dsn))
+    return tasks.estimate_match_params({"dag": SimpleNamespace(dag_id="crm_sync__identity_estimate"),
+                                        "run_id": "scheduled__2026-12-06T03:00:00+00:00"})
+
+
+def test_the_scheduled_estimate_skips_a_master_too_small_with_the_reason(fresh_dsn, monkeypatch):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    with pytest.raises(AirflowSkipException, match=r"the master holds 0 records: too few .*min_records"):
+        _scheduled_estimate(fresh_dsn, monkeypatch)
+
+
 @pytest.fixture(scope="module")
 def estimated(fresh_dsn):
     population = seed_master(fresh_dsn, RECORDS)
@@ -121,3 +139,14 @@ def test_resolve_uses_the_stored_estimate_and_never_estimates(estimated, fresh_d
         for k, level in enumerate(spec.level_names):
             assert used.m[spec.name][k] == pytest.approx(stored["fields"][spec.name][level]["m"], rel=1e-6)
     assert f"stored estimate #{params_id}" in caplog.text
+
+
+def test_the_scheduled_estimate_stores_new_parameters_the_next_run_uses(estimated, fresh_dsn, monkeypatch):
+    _, (first_id, *_rest) = estimated
+    summary = _scheduled_estimate(fresh_dsn, monkeypatch)
+    assert summary["params_id"] > first_id and summary["population"] >= RECORDS
+    with db.connection(fresh_dsn) as conn, conn.cursor() as cur:
+        cur.execute("select estimated_by from crm.match_params where params_id = %s", (summary["params_id"],))
+        assert cur.fetchone()[0] == "airflow:crm_sync__identity_estimate/scheduled__2026-12-06T03:00:00+00:00"
+        stored = resolve.stored_params(cur, resolve.match_settings(), "erp")
+    assert stored.params_id == summary["params_id"]

@@ -59,6 +59,13 @@ def reconcile(source: str, **context) -> dict:
     return tasks.reconcile(source, context)
 
 
+@task
+def estimate_match_params(**context) -> dict:
+    from crm_sync import tasks
+
+    return tasks.estimate_match_params(context)
+
+
 def _doc(cfg: SourceConfig) -> str:
     streams = "\n".join(
         f"| `{s.name}` | {s.entity} | `{s.primary_key}` | `{s.cursor_field}` | `{s.expectation_suite}` |"
@@ -111,9 +118,10 @@ def _params(cfg: SourceConfig) -> dict:
 
 
 def _under_dags_test() -> bool:
-    """`airflow dags test` (the demo's and the tests' runner) crashes after a successful run of any DAG
-    with a deadline (apache/airflow#73428, open in 3.3.2: `'dict' object has no attribute 'hex'`).
-    A deadline means nothing to a run that command drives in the foreground, so it is left off there."""
+    """`airflow dags test` (the tests' runner; the demo's `crm_sync.dag_runner` sets CRM_SYNC_DEADLINES=off)
+    crashes after a successful run of any DAG with a deadline (apache/airflow#73428, open in 3.3.2:
+    `'dict' object has no attribute 'hex'`). A deadline means nothing to a run that command drives in
+    the foreground, so it is left off there."""
     import sys
 
     return sys.argv[1:3] == ["dags", "test"] or os.environ.get("CRM_SYNC_DEADLINES") == "off"
@@ -180,3 +188,49 @@ def build_dag(source: str):
         chain(extract_group, resolve_group, map_group, validate_group, load_group, reconcile_group)
 
     return pipeline()
+
+
+ESTIMATE_DAG_ID = "crm_sync__identity_estimate"
+
+
+def build_estimate_dag():
+    """The scheduled re-estimation of the match parameters (m/u, matches per record) over the master:
+    what `crm-sync identity estimate` does on demand. Runs never estimate on their own."""
+    from crm_sync import paths
+    from crm_sync.identity.settings import load_settings
+
+    settings = load_settings(paths.include_dir() / "match" / "customer.yaml")
+    retry_delay = int(os.environ.get("CRM_SYNC_RETRY_DELAY_SECONDS", 300))
+
+    @dag(
+        dag_id=ESTIMATE_DAG_ID,
+        description="Re-estimate the identity match parameters over the master",
+        schedule=CronDataIntervalTimetable(settings.estimation.schedule, timezone="UTC"),
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        tags=["crm-sync", "identity", "maintenance"],
+        doc_md=f"""### {ESTIMATE_DAG_ID}
+
+Estimates the match parameters of `include/match/customer.yaml` (`{settings.name}`) by EM over a random
+sample of the master (`crm.source_identity`) and stores them in `crm.match_params`; every source's next
+resolve uses the newest. Schedule `{settings.estimation.schedule}` (UTC), from `estimation.schedule` in
+that file. The same as `crm-sync identity estimate`, which an operator runs on demand.
+
+A master with fewer than `estimation.min_records` records is too small to estimate from: the run
+is **skipped** with that reason and the config's values stay in use. A failed run changes nothing:
+the parameters in use stay those of the last estimate (`crm-sync identity estimate --json` shows them).
+""",
+        default_args={
+            "execution_timeout": timedelta(hours=2),
+            "owner": "crm-sync",
+            "retries": 2,
+            "retry_delay": timedelta(seconds=retry_delay),
+            "retry_exponential_backoff": 2.0,
+            "max_retry_delay": timedelta(hours=1),
+        },
+    )
+    def identity_estimate():
+        estimate_match_params.override(task_id="estimate")()
+
+    return identity_estimate()

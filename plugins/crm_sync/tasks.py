@@ -267,6 +267,30 @@ def resolve(source: str, context: dict) -> dict:
     return {"records": result.records, "linked": result.linked, "merged": result.merged, "new": result.new}
 
 
+def estimate_match_params(context: dict, conn_id: str = "crm_db") -> dict:
+    """The scheduled `crm-sync identity estimate`: EM over a sample of the master into `crm.match_params`.
+    A master too small to estimate from skips the run (the config's values stay in use)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from crm_sync import db
+    from crm_sync.identity import resolve as identity
+
+    quiet_libraries()
+    conn = db.task_connection(conn_id, system="the CRM database")
+    try:
+        try:
+            summary = identity.estimate(conn, by=f"airflow:{context['dag'].dag_id}/{context['run_id']}")
+        except ValueError as exc:   # too few records, or no candidate pairs to estimate from
+            conn.rollback()
+            raise AirflowSkipException(str(exc)) from None
+    finally:
+        conn.close()
+    log.info("match parameters %s estimated from %s of %s master records in %s s: %.2f matches per record",
+             summary["params_id"], summary["sampled"], summary["population"], summary["seconds"],
+             summary["matches_per_record"])
+    return {k: summary[k] for k in ("params_id", "population", "sampled", "matches_per_record", "seconds")}
+
+
 def map_stream(source: str, stream_name: str, context: dict) -> dict:
     from crm_sync import mapping
 

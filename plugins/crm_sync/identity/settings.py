@@ -277,6 +277,9 @@ class Estimation(_Strict):
     # Below this many records u and m cannot be estimated meaningfully (random pairs would be
     # mostly true matches); the config's starting values are used instead.
     min_records: int = Field(default=1000, ge=2)
+    # When the `crm_sync__identity_estimate` DAG re-estimates m/u over the master (cron, UTC): weekly by
+    # default. Runs never estimate on their own; `crm-sync identity estimate` does it on demand.
+    schedule: str = "0 3 * * 0"
 
 
 class Settings(_Strict):
