@@ -303,3 +303,30 @@ def test_api_that_stays_down_fails_clearly_without_partial_load(stack):
     assert "503" in run["error"]
     assert stack.snapshot() == before
     assert set(stack.mails()) - mails, "no alert e-mail for the outage"
+
+
+def test_the_demo_runs_its_dags_in_order_in_one_airflow_process_each_with_its_own_connections(stack):
+    """`demo.run_dags` (what `make demo` runs): several DagRuns in one Airflow process, in order, each
+    with its own environment, log and exit code as `airflow dags test` would give them."""
+    before = stack.snapshot()
+    wrong = dict(stack.env)
+    wrong["AIRFLOW_CONN_TICKETING_API"] = json.dumps({"conn_type": "http", "host": "127.0.0.1",
+                                                      "port": stack.api.port, "schema": "http",
+                                                      "password": "not-the-desk-token"})
+    logs = [stack.tmp / "runner-erp.log", stack.tmp / "runner-ticketing.log"]
+    erp_dag, ticketing_dag = stack.configs["erp"].dag_id, stack.configs["ticketing"].dag_id
+    finished: list[dict] = []
+    done = demo.run_dags([(erp_dag, stack.now, stack.env, logs[0]),
+                          (ticketing_dag, stack.now, wrong, logs[1])], finished.append)
+    assert finished == done
+    assert [(d["dag_id"], d["exit"]) for d in done] == [(erp_dag, 0), (ticketing_dag, 1)], logs[1].read_text()[-3000:]
+    erp_log, ticketing_log = (log.read_text() for log in logs)
+    # each run's output in its own log
+    assert "extract.customers" in erp_log and "extract.users" not in erp_log
+    assert "extract.users" in ticketing_log and "extract.customers" not in ticketing_log
+    # the second run read its own connection: the desk refused it, and nothing was loaded
+    assert "401" in ticketing_log, ticketing_log[-3000:]
+    assert "not-the-desk-token" not in ticketing_log and stack.token not in erp_log + ticketing_log
+    assert stack.snapshot() == before
+    run = stack.last_run("ticketing")
+    assert run["state"] == "failed" and "source 'ticketing'" in run["error"]

@@ -7,9 +7,10 @@
   an "incremental day" of changes on every later one) and the ticketing API simulator on loopback
   (its state is kept under `.local/demo/` so a second demo continues where the first stopped);
 - alert e-mails land as `.eml` files under `.local/outbox/` through a local SMTP server;
-- every source DAG runs once through `airflow dags test` (a real Airflow run with the metadata DB
-  on SQLite under `.local/airflow`), with connections passed as `AIRFLOW_CONN_*` variables of the
-  child process only, so no secret is written to disk or printed;
+- every source DAG runs once as `airflow dags test` runs it (`DAG.test()`: a real Airflow run with the
+  metadata DB on SQLite under `.local/airflow`), all of them in order in one child Airflow process
+  (`crm_sync.dag_runner`), with connections passed as `AIRFLOW_CONN_*` variables of that child
+  process only (and on its stdin pipe), so no secret is written to disk or printed;
 - nothing the pipeline runs is a superuser: the server's administrator only creates databases and
   roles, seeds the sample sources and runs the migrations as `crm_owner`; the DAGs connect to the
   CRM as `crm_sync_loader` (a member of `crm_loader`) and to the ERP and finance databases as their
@@ -159,6 +160,41 @@ def run_dag(dag_id: str, logical_date: datetime, env: dict[str, str], log_path: 
         proc = subprocess.run([_airflow_bin(), "dags", "test", dag_id, logical_date.isoformat()],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     return proc.returncode
+
+
+def run_dags(steps: list[tuple[str, datetime, dict[str, str], Path]], on_done=None) -> list[dict]:
+    """Several DAG runs (dag_id, logical date, environment, log) in order, in one Airflow process
+    (`crm_sync.dag_runner`: what `airflow dags test` does per run, start-up paid once). Returns per
+    step `{"dag_id", "exit", "seconds"}`, each also passed to `on_done` as it finishes; a step the
+    runner never reached (it died) exits 1, with the runner's error appended to its log."""
+    if not steps:
+        return []
+    base = steps[0][2]
+    plan = []
+    for dag_id, logical_date, env, log_path in steps:
+        changes: dict[str, str | None] = {k: v for k, v in env.items() if base.get(k) != v}
+        changes.update({k: None for k in base if k not in env})
+        plan.append({"dag_id": dag_id, "logical_date": logical_date.isoformat(), "log": str(log_path),
+                     "env": changes})
+    done: list[dict] = []
+    # the plan (connections included) goes through a pipe, never a file
+    with subprocess.Popen([sys.executable, "-m", "crm_sync.dag_runner"], env=base, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        proc.stdin.write(json.dumps(plan))
+        proc.stdin.close()
+        for line in proc.stdout:
+            if line.startswith("{"):
+                done.append(json.loads(line))
+                if on_done:
+                    on_done(done[-1])
+        error = proc.stderr.read()
+    for dag_id, _, _, log_path in steps[len(done):]:
+        with Path(log_path).open("a") as log:
+            log.write(f"crm-sync dag runner exited {proc.returncode} before this run finished:\n{error[-4000:]}\n")
+        done.append({"dag_id": dag_id, "exit": 1, "seconds": 0.0})
+        if on_done:
+            on_done(done[-1])
+    return done
 
 
 class _Sources:
@@ -416,15 +452,22 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
                 needed = _baseline_runs_needed(dsn, configs["erp"])
                 baseline = [("erp", healthy, f"baseline run {i + 1} of {needed}") for i in range(needed)]
                 steps = [*baseline, ("erp", env, "the shifted batch")]
+        plan = []
         for i, (name, step_env, label) in enumerate(steps):
             cfg = configs[name]
-            if label:
-                print(f"  {cfg.dag_id}: {label} …", file=out)
             log_path = demo_dir() / f"{cfg.dag_id}{'-' + str(i + 1) if label else ''}.log"
-            t0 = time.monotonic()
-            code = run_dag(cfg.dag_id, now + timedelta(seconds=i), step_env, log_path)
-            results[name] = {"exit": code, "seconds": time.monotonic() - t0, "log": log_path,
-                             "first_exit": results.get(name, {}).get("first_exit", code)}
+            plan.append((cfg.dag_id, now + timedelta(seconds=i), step_env, log_path))
+        labels = iter([label for _, _, label in steps])
+
+        def progress(done: dict) -> None:
+            label = next(labels, None)
+            print(f"  {done['dag_id']}{': ' + label if label else ''}: "
+                  f"{'succeeded' if done['exit'] == 0 else 'failed'} in {done['seconds']:.0f}s", file=out, flush=True)
+
+        # every run in one Airflow process, in order: identity depends on which source comes first
+        for (name, _, _), (_, _, _, log_path), done in zip(steps, plan, run_dags(plan, progress)):
+            results[name] = {"exit": done["exit"], "seconds": done["seconds"], "log": log_path,
+                             "first_exit": results.get(name, {}).get("first_exit", done["exit"])}
         new_mail = sorted(set(outbox_dir().glob("*.eml")) - before)
         untouched = _crm_fingerprint(dsn) == fingerprint
         for name, store in stores.items():
