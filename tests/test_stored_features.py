@@ -131,3 +131,28 @@ def test_a_record_stored_under_another_version_is_stored_again_by_its_next_load(
         assert untouched == "erp-1"            # an unchanged record of the current version is not rewritten
     finally:
         conn.close()
+
+
+def test_term_counts_of_a_column_with_its_own_blocking_key_are_read_from_that_key(fresh_dsn):
+    """'mobile.value' is both a term column and a whole blocking key: the master stores its values once
+    (as 'b:' keys), and term frequencies count those."""
+    from crm_sync.identity import master
+    from crm_sync.identity.resolve import term_aliases
+
+    settings = match_settings()
+    aliases = term_aliases(settings)
+    assert aliases.get("mobile.value") == "mobile.value" and "name.value" not in aliases.values()
+    run(fresh_dsn, "erp", "erp-1", ERP_1 | {"customers": ERP_1["customers"] + [erp("C7", "张三丰", mobile="13800138000")]})
+    _resolve_only(fresh_dsn, "ticketing", "tk-terms", TICKETING_1)
+    conn = db.connect(fresh_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select count(*) from crm.match_key where key like 't:mobile.value=%'")
+            assert cur.fetchone()[0] == 0
+            cur.execute("select count(*) from crm.match_key where key like 't:name.value=%'")
+            assert cur.fetchone()[0] >= 5                     # an unaliased term column keeps its keys
+            counts = master.term_counts(cur, "tk-terms", "ticketing", 4, aliases)
+    finally:
+        conn.close()
+    assert counts["mobile.value"]["+8613800138000"] == 2      # C1 and C7
+    assert counts["total"] >= 5

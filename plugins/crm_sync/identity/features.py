@@ -363,6 +363,7 @@ def match_version(settings: Settings) -> str:
 
     doc = {
         "normalisers": NORMALISERS_VERSION,
+        "keys": 2,    # 2: no term key where a blocking key holds the same value (`resolve.term_aliases`)
         "libraries": {name: lib(name) for name in ("phonenumbers", "opencc", "pypinyin")},
         "fields": [[s.name, s.normaliser, s.source_columns, s.city_column, s.use] for s in settings.fields],
         "columns": engine_columns(settings),

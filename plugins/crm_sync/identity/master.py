@@ -114,7 +114,7 @@ def current_customers(cur, records: Iterable[tuple[str, str]]) -> dict[tuple[str
 
 
 def candidates(cur, run_id: str, source: str, records: int, cap: int,
-               extra: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
+               extra: Iterable[tuple[str, str]] = (), streams: Iterable[str] = ()) -> pd.DataFrame:
     """Master records sharing one of the run's blocking keys (its 'b:' rows of `stg.match_key`, staged
     by the resolve stage), plus the `extra` records, engine-ready.
 
@@ -142,9 +142,14 @@ def candidates(cur, run_id: str, source: str, records: int, cap: int,
             where s.run_id = %(run)s and s.source = %(source)s and s.key like 'b:%%'
         ), k as ({keys}
         ), r as (
-            {records}
-            union
-            select * from unnest(%(xs)s::text[], %(xi)s::text[])
+            ({records}
+             union
+             select * from unnest(%(xs)s::text[], %(xi)s::text[]))
+            -- less the run's own customer records, as a set (one hash of the run's keys, not a probe per
+            -- candidate); only this source's: DAGs of other sources may share the run id
+            except
+            select e.source, e.source_pk from stg.extracted e
+            where e.run_id = %(run)s and e.source = %(source)s and e.stream = any(%(streams)s)
         )
         select x.*
         from r cross join lateral (
@@ -154,14 +159,11 @@ def candidates(cur, run_id: str, source: str, records: int, cap: int,
             join crm.customer_link l on l.source = i.source and l.source_id = i.source_id
             join crm.customer c on c.customer_id = l.customer_id
             where i.source = r.source and i.source_id = r.source_id
-              -- only this source's own records: DAGs of other sources may share the run id
-              and not (i.source = %(source)s and exists (
-                  select 1 from stg.extracted e where e.run_id = %(run)s and e.source = %(source)s
-                  and e.stream = i.stream and e.source_pk = i.source_id))
             {lookup}) x
         order by 1   -- ties between equally good candidates resolve the same way whatever the plan
         """,
-        {"run": run_id, "source": source, "cap": cap, "xs": [x[0] for x in extra], "xi": [x[1] for x in extra]},
+        {"run": run_id, "source": source, "cap": cap, "xs": [x[0] for x in extra], "xi": [x[1] for x in extra],
+         "streams": list(streams)},
     )
     return pd.DataFrame(cur.fetchall(), columns=ENGINE_COLUMNS)
 
@@ -192,24 +194,29 @@ def master_records(cur) -> int:
     return int(row[0]) if row else 0
 
 
-def term_counts(cur, run_id: str, source: str, records: int) -> dict:
-    """Term frequencies over the master for the run's values (its 't:' rows of `stg.match_key`), as
+def term_counts(cur, run_id: str, source: str, records: int, aliases: dict[str, str] | None = None) -> dict:
+    """Term frequencies over the master for the run's values (its 't:' rows of `stg.match_key`, and
+    the 'b:' rows of the rules in `aliases`, rule name -> the term column its key is), as
     `engine.resolve(tf_counts=)` reads them."""
+    aliases = aliases or {}
     total = master_records(cur)
     terms = """select distinct s.key from stg.match_key s
-               where s.run_id = %(run)s and s.source = %(source)s and s.key like 't:%%'"""
+               where s.run_id = %(run)s and s.source = %(source)s
+                 and (s.key like 't:%%' or split_part(s.key, '=', 1) = any(%(aliased)s))"""
+    args = {"run": run_id, "source": source, "aliased": [f"b:{rule}" for rule in aliases]}
     if _lookup(cur, records):
         cur.execute(f"""with t as ({terms})
                         select t.key, c.n from t cross join lateral (
                             select count(*) as n from crm.match_key m where m.key = t.key offset 0) c
-                        where c.n > 0""", {"run": run_id, "source": source})
+                        where c.n > 0""", args)
     else:
         cur.execute(f"with t as ({terms}) select m.key, count(*) from crm.match_key m join t using (key)"
-                    " group by m.key",
-                    {"run": run_id, "source": source})
+                    " group by m.key", args)
     counts: dict = {"total": total}
     for key, n in cur.fetchall():
         column, value = key[2:].split("=", 1)
+        if key.startswith("b:"):
+            column = aliases[column]
         counts.setdefault(column, {})[value] = n
     return counts
 

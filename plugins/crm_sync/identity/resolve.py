@@ -199,6 +199,18 @@ def _record_columns(batch: pd.DataFrame, feats: pd.DataFrame, phone_fields: list
             "email_valid": np.asarray(email["valid"], dtype=bool)}
 
 
+def term_aliases(settings: Settings) -> dict[str, str]:
+    """Blocking rules whose key is one whole term column ('mobile.value'): rule name -> column. Such a
+    column's term keys would repeat the rule's key value for value (a million records, two million
+    index entries more), so its term frequencies are counted on the rule's 'b:' keys instead."""
+    terms = set(settings.tf_columns())
+    aliases: dict[str, str] = {}
+    for rule in settings.blocking:
+        if len(rule.keys) == 1 and not rule.keys[0].prefix and rule.keys[0].column in terms:
+            aliases.setdefault(rule.name, rule.keys[0].column)
+    return aliases
+
+
 def record_keys(feats: pd.DataFrame, settings: Settings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per blocking rule and term column: (row positions of `feats`, their key values), where a
     blocking key is 'b:<rule>=<v>' and a term 't:<col>=<v>'. One rule at a time, so a million
@@ -220,7 +232,10 @@ def record_keys(feats: pd.DataFrame, settings: Settings) -> Iterator[tuple[np.nd
             joined = text if joined is None else joined + "|" + text
         pos = np.flatnonzero(ok)
         yield pos, (f"b:{rule.name}=" + joined.iloc[pos]).to_numpy(dtype=object)
+    aliased = set(term_aliases(settings).values())
     for column in settings.tf_columns():
+        if column in aliased:
+            continue    # its blocking key is the same value: term counts read that key (`term_aliases`)
         values = pd.Series(feats[column].to_numpy(dtype=object), dtype=object)
         pos = np.flatnonzero(values.notna().to_numpy())
         yield pos, (f"t:{column}=" + values.iloc[pos].astype(str)).to_numpy(dtype=object)
@@ -398,13 +413,18 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
         version = features.match_version(settings)
         _stage_match_keys(cur, run_id, batch, feats, settings)
         _stage_identity_input(cur, run_id, batch, feats, settings, version)
+        # from here on the engine reads features only: a nightly million records' raw identity input and
+        # the feature columns no comparison reads would otherwise stay in memory through the engine
+        batch.drop(columns=IDENTITY_COLUMNS, inplace=True)
+        engine_cols = set(features.engine_columns(settings))
+        feats.drop(columns=[c for c in feats.columns if c not in engine_cols], inplace=True)
 
         # the master as it will be once this run's load executes the pending splits
         batch_records = list(zip(batch["source"], batch["source_pk"]))
         previous = master.current_customers(cur, batch_records)
         cap = max([settings.max_block_size] + [r.max_block_size or 0 for r in settings.blocking])
         partners = master.decided_partners(cur, batch_records)
-        cands = master.candidates(cur, run_id, cfg.source, len(batch), cap, partners)
+        cands = master.candidates(cur, run_id, cfg.source, len(batch), cap, partners, [s.name for s in streams])
         cand_records = [master.split_record_id(r)[::2] for r in cands["record_id"]]
         splits = {}
         for s in master.pending_splits(cur, batch_records + cand_records):
@@ -415,7 +435,7 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
             cands["cluster_id"] = [m or c for m, c in zip(moved, cands["cluster_id"])]
         must, cannot = master.decisions(cur, batch_records + cand_records)
         del cand_records
-        tf = master.term_counts(cur, run_id, cfg.source, len(batch))
+        tf = master.term_counts(cur, run_id, cfg.source, len(batch), term_aliases(settings))
 
         stored = stored_params(cur, settings, cfg.source)
         params = run_params(stored, settings, len(batch) + len(cands))
