@@ -97,13 +97,18 @@ def _account(cur, params: dict, spec) -> Check | None:
         return None
     received, source_rows, q_extract, superseded, tombstones, late_since = row
     target, key = spec.target, spec.key
+    # the rows' cursors matter only to a sweep's count of late rows: without one, no join with the
+    # extracted rows (at a million customers and 2.5 million orders, most of the reconcile stage)
+    late_rows, extracted = ("count(*) filter (where t.loaded_run_id = %(run)s and e.cursor_value < %(late)s)",
+                            """join stg.extracted e on e.run_id = m.run_id and e.source = m.source
+                                and e.stream = m.stream and e.source_pk = m.source_pk""") \
+        if late_since is not None else ("0", "")
     cur.execute(
         f"""select count(*) filter (where t.loaded_run_id = %(run)s),
                    count(*) filter (where t.loaded_run_id is distinct from %(run)s),
-                   count(*) filter (where t.loaded_run_id = %(run)s and e.cursor_value < %(late)s)
+                   {late_rows}
             from {spec.staging} m
-            join stg.extracted e on e.run_id = m.run_id and e.source = m.source and e.stream = m.stream
-                                and e.source_pk = m.source_pk
+            {extracted}
             join {target} t on t.source = m.source and t.{key} = m.source_pk
             where m.run_id = %(run)s and m.source = %(source)s and m.stream = %(stream)s and {ACCEPTED}""",
         {**params, "late": late_since},
