@@ -363,3 +363,22 @@ def test_an_erp_dag_run_as_the_loader_role(fresh_dsn, pg_admin_dsn, tmp_path, mo
         assert not any(superuser for *_, superuser in watcher.seen)
     finally:
         db.drop_database(pg_admin_dsn, erp_db)
+
+
+def test_the_cli_migrates_a_new_database_as_the_owner_role(pg_admin_dsn, monkeypatch, capsys):
+    """`crm-sync status` (or review, override, quarantine, identity, report) on a database nobody has
+    migrated: its objects belong to crm_owner, as after the demo's migration, not to whoever ran it."""
+    from crm_sync import cli
+
+    database = f"crm_test_{uuid.uuid4().hex[:10]}"
+    db.ensure_database(pg_admin_dsn, database)
+    dsn = db.with_database(pg_admin_dsn, database)
+    try:
+        monkeypatch.setenv("CRM_SYNC_DSN", dsn)
+        assert cli.main(["status", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)
+        owners = _owners(dsn)
+        assert owners["crm"] == owners["sync"] == {"schema:crm_owner", "crm_owner"}
+        assert owners["stg"] == {"schema:crm_owner", "crm_loader"}
+    finally:
+        db.drop_database(pg_admin_dsn, database)

@@ -374,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from crm_sync import status
 
-            with db.connection() as conn:
-                db.migrate(conn)
+            with db.migrated_connection() as conn:
                 doc = status.all_status(conn)
             print(json.dumps(doc, indent=2, ensure_ascii=False, default=str) if args.json else status.render(doc))
             return 0
@@ -386,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             print("stopped" if db.stop_embedded() else "not running")
             return 0
         if args.command == "review":
-            with db.connection() as conn:
-                db.migrate(conn)
+            with db.migrated_connection() as conn:
                 if args.review_command == "list":
                     items = _review_list(conn, args.status)
                     print(json.dumps(items, indent=2, ensure_ascii=False, default=str) if args.json
@@ -407,8 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "override":
             from crm_sync.identity.apply import set_override
 
-            with db.connection() as conn:
-                db.migrate(conn)
+            with db.migrated_connection() as conn:
                 try:
                     with conn.cursor() as cur:
                         done = set_override(cur, args.customer_id, args.field, args.value, args.by)
@@ -419,16 +416,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"customer {done['customer_id']}: {done['field']} = {done['value']} (override)")
                 return 0
         if args.command == "quarantine":
-            with db.connection() as conn:
-                db.migrate(conn)
+            with db.migrated_connection() as conn:
                 return _quarantine(conn, args)
         if args.command == "identity":
             import os
 
             from crm_sync.identity import resolve
 
-            with db.connection() as conn:
-                db.migrate(conn)
+            with db.migrated_connection() as conn:
                 done = resolve.estimate(conn, args.source, args.sample or resolve.ESTIMATE_SAMPLE,
                                         by=args.by or os.environ.get("USER") or "crm-sync")
             if args.json:
@@ -444,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from crm_sync.quality import report
 
-            with db.connection() as conn:
-                db.migrate(conn)
+            with db.migrated_connection() as conn:
                 run_id = args.run or report.latest_run(conn, args.source)
                 if run_id is None:
                     print(f"crm-sync report: source '{args.source}' has no runs yet", file=sys.stderr)

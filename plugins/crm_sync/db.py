@@ -385,6 +385,28 @@ def _owns_everything(cur) -> bool:
     return cur.fetchone()[0]
 
 
+def manages_roles(dsn: str) -> bool:
+    """Can the user of `dsn` create roles (the embedded server's superuser can; a given CRM_SYNC_DSN may not)?"""
+    with connection(dsn) as conn, conn.cursor() as cur:
+        cur.execute("select rolsuper or rolcreaterole from pg_roles where rolname = current_user")
+        return bool(cur.fetchone()[0])
+
+
+@contextmanager
+def migrated_connection(dsn: str | None = None) -> Iterator:
+    """A connection to the CRM database, its migrations applied first: as crm_owner when this login can
+    manage roles (`migrate_as_owner`, so what a migration creates belongs to the owner role and carries
+    the loader's and reporter's grants), else as the login itself (nothing to do once migrated)."""
+    dsn = dsn or resolve_dsn()
+    owner = manages_roles(dsn)
+    if owner:
+        migrate_as_owner(dsn)
+    with connection(dsn) as conn:
+        if not owner:
+            migrate(conn)
+        yield conn
+
+
 def migrate_as_owner(admin_dsn: str) -> list[str]:
     """Apply pending migrations to the database of `admin_dsn` as crm_owner; return their names.
 

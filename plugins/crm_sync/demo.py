@@ -310,13 +310,6 @@ def _pg_conn_json(dsn: str, login: db.Login | None) -> str:
     return json.dumps(doc)
 
 
-def _manages_roles(dsn: str) -> bool:
-    """Can the user of `dsn` create roles (the embedded server's superuser can; a given CRM_SYNC_DSN may not)?"""
-    with db.connection(dsn) as conn, conn.cursor() as cur:
-        cur.execute("select rolsuper or rolcreaterole from pg_roles where rolname = current_user")
-        return bool(cur.fetchone()[0])
-
-
 def _reader(dsn: str, simulator, login: str, env_var: str, password: str | None = None) -> db.Login:
     with db.connection(dsn) as conn:
         return simulator.ensure_reader(conn, login=login, password=password or os.environ.get(env_var))
@@ -382,7 +375,7 @@ def run_demo(scenario: str | None = None, out=sys.stdout) -> int:
     state = DemoState.load()
     now = datetime.now(timezone.utc)
     dsn = db.resolve_dsn()
-    least_privilege = _manages_roles(dsn)
+    least_privilege = db.manages_roles(dsn)
     if least_privilege:
         db.migrate_as_owner(dsn)
     else:
