@@ -427,8 +427,8 @@ def test_resolve_master_lookups_are_batch_driven_too(hourly):
     master_calls = {s.caller for s in hourly.statements if s.caller.startswith("crm_sync.identity.master.")}
     # the resolve stage asked the master for what the engine needs, and the load for its split plan
     assert {"crm_sync.identity.master.current_customers", "crm_sync.identity.master.candidates",
-            "crm_sync.identity.master.term_counts", "crm_sync.identity.master.decisions",
-            "crm_sync.identity.master.decided_partners", "crm_sync.identity.master.pending_splits"} <= master_calls
+            "crm_sync.identity.master.term_counts", "crm_sync.identity.master._decided_items",
+            "crm_sync.identity.master.pending_splits"} <= master_calls
     found = [describe(s, what, node) for s in hourly.statements if s.plan and s.caller in master_calls
              for what, node in full_scans(s.plan, hourly.pages, hourly.partial)]
     assert not found, f"{len(found)} plan node(s) of crm_sync.identity.master cost O(master):\n" + "\n".join(found)

@@ -156,3 +156,33 @@ def test_term_counts_of_a_column_with_its_own_blocking_key_are_read_from_that_ke
         conn.close()
     assert counts["mobile.value"]["+8613800138000"] == 2      # C1 and C7
     assert counts["total"] >= 5
+
+
+def test_decided_pairs_are_found_the_same_whether_read_whole_or_looked_up_by_record(fresh_dsn):
+    """`master._decided_items` reads every decided review item when they are no more than the records
+    to check, and looks them up per record otherwise: both must find the same decisions."""
+    from crm_sync.identity import apply as identity_apply
+    from crm_sync.identity import master
+
+    run(fresh_dsn, "erp", "erp-1", ERP_1)
+    run(fresh_dsn, "ticketing", "tk-1", TICKETING_1)
+    conn = db.connect(fresh_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("""select review_id, source_a, source_id_a, source_b, source_id_b from crm.review_item
+                           where status = 'open' order by review_id""")
+            items = cur.fetchall()
+            assert len(items) >= 2
+            identity_apply.decide(cur, items[0][0], "same", "ops.chen")
+            identity_apply.decide(cur, items[1][0], "different", "ops.chen")
+            one = [(items[0][1], items[0][2])]                      # 1 record, 2 decided items: per record
+            padded = one + [("nowhere", "1"), ("nowhere", "2")]     # 3 records: all decided items read
+            keyed, whole = master.decisions(cur, one), master.decisions(cur, padded)
+            partners = master.decided_partners(cur, one), master.decided_partners(cur, padded)
+        conn.rollback()
+    finally:
+        conn.close()
+    assert keyed == whole
+    must, cannot = keyed
+    assert len(must) == 1 and not cannot
+    assert partners[0] == partners[1] == [(items[0][3], items[0][4])]

@@ -103,13 +103,19 @@ def _account(cur, params: dict, spec) -> Check | None:
                             """join stg.extracted e on e.run_id = m.run_id and e.source = m.source
                                 and e.stream = m.stream and e.source_pk = m.source_pk""") \
         if late_since is not None else ("0", "")
+    from crm_sync import facts
+
+    # an hourly run's rows look their target rows up by key (a lateral lookup kept apart by `offset 0`:
+    # as a plain join the planner may hash the whole target); a bulk run joins them wholesale
+    lookup = "" if facts._bulk(cur, spec, params) else "offset 0"
     cur.execute(
         f"""select count(*) filter (where t.loaded_run_id = %(run)s),
                    count(*) filter (where t.loaded_run_id is distinct from %(run)s),
                    {late_rows}
             from {spec.staging} m
             {extracted}
-            join {target} t on t.source = m.source and t.{key} = m.source_pk
+            cross join lateral (select t.loaded_run_id from {target} t
+                                where t.source = m.source and t.{key} = m.source_pk {lookup}) t
             where m.run_id = %(run)s and m.source = %(source)s and m.stream = %(stream)s and {ACCEPTED}""",
         {**params, "late": late_since},
     )

@@ -221,28 +221,49 @@ def term_counts(cur, run_id: str, source: str, records: int, aliases: dict[str, 
     return counts
 
 
+_ITEM = "review_id, status, source_a, stream_a, source_id_a, source_b, stream_b, source_id_b"
+
+
+def _decided_items(cur, records: list[tuple[str, str]]) -> list[tuple]:
+    """Decided (not open) review items with a record in `records`, by review id: (review_id, status,
+    source_a, stream_a, source_id_a, source_b, stream_b, source_id_b).
+
+    Decided items are the stewards' work, few against an hourly run's records and their master
+    candidates (half a million at a million customers): when there are no more of them than records,
+    all are read (`review_item_decided_idx`, migration 0015) and matched here; otherwise each record
+    looks its items up by key."""
+    if not records:
+        return []
+    cur.execute("select count(*) from crm.review_item where status <> 'open'")
+    if cur.fetchone()[0] <= len(records):
+        cur.execute(f"select {_ITEM} from crm.review_item where status <> 'open' order by review_id")
+        wanted = set(records)
+        return [row for row in cur.fetchall() if (row[2], row[4]) in wanted or (row[5], row[7]) in wanted]
+    cur.execute(f"""select {_ITEM} from crm.review_item where review_id = any(array(
+                        select x.review_id from {_RECORDS} {_decided_of(_lookup(cur, len(records)))}))
+                    order by review_id""", _record_params(records))
+    return cur.fetchall()
+
+
 def decisions(cur, records: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Steward decisions touching `records`: (must_link, cannot_link) as engine record-id pairs."""
-    records = list(records)
-    if not records:
-        return [], []
-    cur.execute(f"select distinct x.review_id, x.status, x.ra, x.rb from {_RECORDS} "
-                f"{_decided_of(_lookup(cur, len(records)))} order by 1",
-                _record_params(records))
     must, cannot = [], []
-    for _, status, a, b in cur.fetchall():
-        (must if status == "same" else cannot).append((a, b))
+    for _, status, sa, sta, ia, sb, stb, ib in _decided_items(cur, list(records)):
+        (must if status == "same" else cannot).append((record_id(sa, sta, ia), record_id(sb, stb, ib)))
     return must, cannot
 
 
 def decided_partners(cur, records: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The other record of every decided pair one of `records` is in: the engine must see both."""
     records = list(records)
-    if not records:
-        return []
-    cur.execute(f"select distinct x.other_source, x.other_id from {_RECORDS} {_decided_of(_lookup(cur, len(records)))}",
-                _record_params(records))
-    return [tuple(row) for row in cur.fetchall()]
+    wanted = set(records)
+    partners: dict[tuple[str, str], None] = {}
+    for _, _, sa, _, ia, sb, _, ib in _decided_items(cur, records):
+        if (sa, ia) in wanted:
+            partners.setdefault((sb, ib))
+        if (sb, ib) in wanted:
+            partners.setdefault((sa, ia))
+    return list(partners)
 
 
 def pending_splits(cur, records: Iterable[tuple[str, str]] = ()) -> list[Split]:
@@ -253,15 +274,14 @@ def pending_splits(cur, records: Iterable[tuple[str, str]] = ()) -> list[Split]:
     applied — the engine and the load's merges never join its two records again — so the rest
     need not be read. Each item's two links are looked up by primary key.
     """
-    records = list(records)
-    lookup = _lookup(cur, len(records)) if records else "offset 0"
+    decided = [row[0] for row in _decided_items(cur, list(records)) if row[1] == "different"]
     cur.execute(
         f"""
         with item as (
             select i.review_id from crm.review_item i
             where i.applied_run_id is null and i.status <> 'open' and i.status = 'different'
             union
-            select x.review_id from {_RECORDS} {_decided_of(lookup)} where x.status = 'different'
+            select unnest(%(decided)s::bigint[])
         )
         select y.*
         from crm.review_item i
@@ -279,7 +299,7 @@ def pending_splits(cur, records: Iterable[tuple[str, str]] = ()) -> list[Split]:
         where i.review_id = any(array(select review_id from item))
         order by i.review_id
         """,
-        _record_params(records),
+        {"decided": decided},
     )
     splits = []
     for review_id, customer, sa, sta, ida, ta, sb, stb, idb, tb in cur.fetchall():
