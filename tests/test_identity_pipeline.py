@@ -35,8 +35,8 @@ def user(uid, name, phone=None, email=None, org=None, day=1):
             "created_at": ts(1), "updated_at": ts(day)}
 
 
-def run(dsn: str, source: str, run_id: str, records: dict[str, list[dict]]):
-    """One pipeline run as the DAG does it: extract to staging, resolve, map, load."""
+def run(dsn: str, source: str, run_id: str, records: dict[str, list[dict]], *, resolve_only: bool = False):
+    """One pipeline run as the DAG does it: extract to staging, resolve, map, load (or stop after resolve)."""
     cfg = load_source(source)
     conn = db.connect(dsn)
     try:
@@ -48,6 +48,8 @@ def run(dsn: str, source: str, run_id: str, records: dict[str, list[dict]]):
         conn.commit()
         result = resolve(conn, run_id, cfg)
         conn.commit()
+        if resolve_only:
+            return result
         for stream in cfg.streams:
             mapping.map_stream(conn, run_id, cfg, stream)
         conn.commit()

@@ -4,16 +4,12 @@ way whether a candidate's features come from storage or are rebuilt."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 
 import pandas as pd
 
-from crm_sync import db, runlog
-from crm_sync.config import load_source
+from crm_sync import db
 from crm_sync.identity import features
-from crm_sync.identity.resolve import match_settings, resolve
-from crm_sync.sources import extract
-from crm_sync.watermark import Window
+from crm_sync.identity.resolve import match_settings
 from tests.test_identity_pipeline import ERP_1, TICKETING_1, erp, run
 
 SAMPLE = pd.DataFrame({
@@ -53,19 +49,7 @@ def test_the_version_follows_the_config():
 
 
 def _resolve_only(dsn: str, source: str, run_id: str, records: dict) -> None:
-    cfg = load_source(source)
-    conn = db.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            runlog.start(cur, run_id, source, cfg.dag_id, None, None)
-        for stream in cfg.streams:
-            extract.stage_records(conn, run_id, cfg, stream, Window(None, datetime(2025, 4, 1, tzinfo=timezone.utc)),
-                                  [records.get(stream.name, [])])
-        conn.commit()
-        resolve(conn, run_id, cfg)
-        conn.commit()
-    finally:
-        conn.close()
+    run(dsn, source, run_id, records, resolve_only=True)
 
 
 def _resolved(cur, run_id: str) -> dict:
