@@ -11,8 +11,9 @@ Protocol (no secret touches the disk: connections travel in the environment and 
 - stdin: a JSON list of steps `{"dag_id", "logical_date" (ISO), "log" (path), "env" (variables to set
   for this step; null unsets one)}`;
 - each step's output (its file descriptors 1 and 2, so every logger and print) goes to its `log`;
-- stdout: one JSON line per finished step, `{"dag_id", "exit", "seconds"}`, `exit` as `airflow dags
-  test` would have exited (0, or 1 when the DagRun failed or the step raised).
+- stdout: one line per finished step, `MARKER` then `{"dag_id", "exit", "seconds"}` as JSON, `exit` as
+  `airflow dags test` would have exited (0, or 1 when the DagRun failed or the step raised); anything
+  else Airflow writes there outside a step (start-up warnings, JSON log lines) is not a result.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ import traceback
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Iterator
+
+
+MARKER = "crm-sync-dag-runner-result "
 
 
 @contextmanager
@@ -88,8 +92,8 @@ def main() -> int:
             except BaseException:   # what `airflow dags test` prints before exiting 1
                 traceback.print_exc()
                 code = 1
-        results.write(json.dumps({"dag_id": step["dag_id"], "exit": code,
-                                  "seconds": round(time.monotonic() - t0, 2)}) + "\n")
+        results.write(MARKER + json.dumps({"dag_id": step["dag_id"], "exit": code,
+                                           "seconds": round(time.monotonic() - t0, 2)}) + "\n")
     results.close()
     return 0
 

@@ -167,6 +167,8 @@ def run_dags(steps: list[tuple[str, datetime, dict[str, str], Path]], on_done=No
     (`crm_sync.dag_runner`: what `airflow dags test` does per run, start-up paid once). Returns per
     step `{"dag_id", "exit", "seconds"}`, each also passed to `on_done` as it finishes; a step the
     runner never reached (it died) exits 1, with the runner's error appended to its log."""
+    from crm_sync import dag_runner
+
     if not steps:
         return []
     base = steps[0][2]
@@ -183,8 +185,8 @@ def run_dags(steps: list[tuple[str, datetime, dict[str, str], Path]], on_done=No
         proc.stdin.write(json.dumps(plan))
         proc.stdin.close()
         for line in proc.stdout:
-            if line.startswith("{"):
-                done.append(json.loads(line))
+            if line.startswith(dag_runner.MARKER):
+                done.append(json.loads(line[len(dag_runner.MARKER):]))
                 if on_done:
                     on_done(done[-1])
         error = proc.stderr.read()
