@@ -16,16 +16,13 @@ the load's question (held orphans, see `crm_sync.orphans`), not the map's.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 
-from crm_sync import entities, quarantine, staging
+from crm_sync import entities, mapsql, quarantine, staging
 from crm_sync.config import FieldMap, IdentityKeys, SourceConfig, StreamConfig
-from crm_sync.staging import to_json
 
 # customer rows carry the resolve stage's identity columns before the mapped ones
 CUSTOMER_COLUMNS = ["customer_id", "full_name", "name_key", "phone_raw", "phone_e164", "phone_kind", "phone_ext",
@@ -49,6 +46,7 @@ class CastError(ValueError):
 class MapResult:
     mapped: int
     rejected: int
+    in_sql: int = 0  # of `mapped`, the records the set-based path mapped (`mapsql`)
 
 
 def source_value(payload: dict, fm: FieldMap):
@@ -67,7 +65,7 @@ def source_value(payload: dict, fm: FieldMap):
     return fm.value
 
 
-MAX_TEXT = 10_000  # characters: longer is never a CRM value, with or without a `max_length`
+MAX_TEXT = mapsql.MAX_TEXT  # 10,000 characters: longer is never a CRM value, with or without a `max_length`
 
 # what each declared type expects, as an error text says it
 _EXPECTED = {"text": "text", "int": "a whole number", "numeric": "a number", "money": "a money amount",
@@ -239,31 +237,6 @@ def cast(value, fm: FieldMap, *, key: bool = False):
     raise CastError(f"unknown type {fm.type}")
 
 
-def row_hash(values: dict) -> str:
-    """A hash of the mapped values: the first 32 hex digits of the SHA-256 of their `to_json` text."""
-    return hashlib.sha256(_json_text(values).encode()).hexdigest()[:32]
-
-
-_quoted = json.encoder.encode_basestring  # what `to_json` (ensure_ascii=False) writes a str as
-# `to_json`'s text of a value of each usual mapped type (floats and anything else go through `to_json`)
-_FRAGMENT = {
-    str: _quoted, type(None): lambda v: "null", bool: lambda v: "true" if v else "false", int: int.__repr__,
-    Decimal: lambda v: f'"{v}"', datetime: lambda v: f'"{v.isoformat()}"', date: lambda v: f'"{v.isoformat()}"',
-}
-
-
-def _json_text(values: dict) -> str:
-    """`to_json(values)` for a flat dict of str keys, written without the JSON encoder's per-value
-    callbacks (a Decimal or a datetime calls back into Python each time); exactly the same text."""
-    parts = []
-    for name, value in values.items():
-        fragment = _FRAGMENT.get(type(value))
-        if fragment is None or type(name) is not str:
-            return to_json(values)
-        parts.append(f"{_quoted(name)}:{fragment(value)}")
-    return "{" + ",".join(parts) + "}"
-
-
 def _money_scale(entity: str, fm: FieldMap, target: str) -> FieldMap:
     """Money columns are cast to the entity's declared scale unless the YAML is stricter."""
     scale = entities.get(entity).money.get(target)
@@ -390,11 +363,42 @@ def _reader(fm: FieldMap):
     return lambda payload: source_value(payload, fm)
 
 
-def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> MapResult:
-    """Map one stream of the run from `stg.extracted` into `stg.mapped_<entity>`.
+def _sql_fields(entity: str, field_maps: dict[str, FieldMap], key_fields: set[str],
+                limits: dict[str, tuple[int, int]]) -> dict[str, mapsql.Field] | None:
+    """Every field map of the stream as SQL (`mapsql.field_sql`), or None when one needs Python."""
+    fields = {}
+    for target, fm in field_maps.items():
+        field = mapsql.field_sql("e.payload", fm, key=target in key_fields, limit=limits.get(target))
+        if field is None:
+            return None
+        fields[target] = field
+    return fields
 
-    The staged rows are read with a server-side cursor and cast, hashed and COPYed a batch at a
-    time, in one transaction (the caller commits): memory does not grow with the run."""
+
+def _select_sql(entity: str, columns: list[str], types: dict[str, str], fields: dict[str, mapsql.Field]) -> str:
+    """The select list of the set-based path: each staging column from its field's SQL (customers: the
+    resolve stage's identity columns win, a name the identity fields lack keeps the mapped one)."""
+    out = []
+    for c in columns:
+        mapped = f"({fields[c].expr})" if c in fields else "null"
+        if entity == "customer" and c == "full_name":
+            value = f"coalesce(r.full_name, {mapped})"
+        elif entity == "customer" and c in RESOLVED_COLUMNS:
+            value = f"r.{c}"
+        else:
+            value = mapped
+        out.append(f"({value})::{types[c]} as {c}")
+    return ", ".join(out)
+
+
+def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, *, set_based: bool = True) -> MapResult:
+    """Map one stream of the run from `stg.extracted` into `stg.mapped_<entity>`, in one transaction
+    (the caller commits).
+
+    Records whose every field `mapsql` can map exactly are mapped by one `insert … select`; the rest
+    (all of them with `set_based=False`, or when a field map needs Python) are read with a
+    server-side cursor and cast a batch at a time in Python — memory does not grow with the run —
+    into a temporary table, from which they join the others. `row_hash` is computed in SQL for both."""
     entity = stream.entity
     spec = entities.get(entity)
     table = spec.staging
@@ -441,22 +445,38 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
                 values.update({c: v for c, v in zip(RESOLVED_COLUMNS, resolved)
                                if v is not None or c != "full_name"})
                 values["customer_id"] = str(values["customer_id"])
-            record = [values.get(c) for c in columns]
-            hashed = {c: values.get(c) for c in hashed_columns}
-            yield [run_id, cfg.source, stream.name, source_pk, *record, row_hash(hashed)]
+            yield [run_id, cfg.source, stream.name, source_pk, *[values.get(c) for c in columns]]
 
     if entity == "customer":
-        query = f"""select e.source_pk, e.payload, {", ".join("r." + c for c in RESOLVED_COLUMNS)}
-                    from stg.extracted e join stg.resolved r using (run_id, source, stream, source_pk)
-                    where e.run_id = %s and e.source = %s and e.stream = %s order by e.source_pk"""
+        source_sql = """from stg.extracted e join stg.resolved r using (run_id, source, stream, source_pk)
+                        where e.run_id = %s and e.source = %s and e.stream = %s"""
+        query = f"select e.source_pk, e.payload, {', '.join('r.' + c for c in RESOLVED_COLUMNS)} {source_sql}"
     else:
-        query = ("select source_pk, payload from stg.extracted where run_id = %s and source = %s and stream = %s"
-                 " order by source_pk")
-    out_columns = ["run_id", "source", "stream", "source_pk", *columns, "row_hash"]
-    written = 0
+        source_sql = "from stg.extracted e where e.run_id = %s and e.source = %s and e.stream = %s"
+        query = f"select e.source_pk, e.payload {source_sql}"
+    keys = ["run_id", "source", "stream", "source_pk"]
+    out_columns = [*keys, *columns, "row_hash"]
+    insert = f"insert into {table} ({', '.join(out_columns)}) "
+    written = in_sql = 0
     with conn.cursor() as cur:
         staging.delete_run(cur, table, run_id, cfg.source, stream.name)
         quarantine.clear(cur, run_id, cfg.source, stream.name, stage="map")
+        types = mapsql.column_types(cur, table)
+        row_hash_sql = mapsql.hash_sql("m", hashed_columns, types)
+        fields = _sql_fields(entity, field_maps, key_fields, limits) if set_based else None
+        if fields is not None:
+            guard = " and ".join([*(f.guard for f in fields.values()),
+                                  mapsql.identity_guard("e.payload", identity_fields)])
+            cur.execute(f"""{insert} select {', '.join('m.' + c for c in keys + columns)}, {row_hash_sql}
+                            from (select {', '.join('e.' + c for c in keys)},
+                                         {_select_sql(entity, columns, types, fields)}
+                                  {source_sql} and {guard}) m""", (run_id, cfg.source, stream.name))
+            written = in_sql = cur.rowcount
+            query += f" and not coalesce({guard}, false)"
+        # the rest through Python, into a temporary copy of the staging table without its hash
+        scratch = f"crm_sync_map_{entity}"
+        cur.execute(f"create temp table if not exists {scratch} as select * from {table} with no data;"
+                    f" truncate {scratch}")
         with conn.cursor(name=f"crm_sync_map_{stream.name}") as staged:
             staged.itersize = FETCH_ROWS
             staged.execute(query, (run_id, cfg.source, stream.name))
@@ -466,7 +486,11 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig) -> Ma
                     break
                 # each batch is mapped in full before its COPY: the COPY cannot share the
                 # connection with the server-side cursor while that one is being read
-                written += staging.copy_rows(cur, table, out_columns, list(mapped(rows)))
+                staging.copy_rows(cur, f"pg_temp.{scratch}", [*keys, *columns], list(mapped(rows)))
+        cur.execute(f"{insert} select {', '.join('m.' + c for c in keys + columns)}, {row_hash_sql}"
+                    f" from pg_temp.{scratch} m")
+        written += cur.rowcount
+        cur.execute(f"truncate {scratch}")
         quarantine.add(cur, run_id, cfg.source, rejects)
         staging.analyze(cur, table)
-    return MapResult(mapped=written, rejected=len({r.source_pk for r in rejects}))
+    return MapResult(mapped=written, rejected=len({r.source_pk for r in rejects}), in_sql=in_sql)

@@ -306,7 +306,7 @@ def map_stream(source: str, stream_name: str, context: dict) -> dict:
         with conn.cursor() as cur:
             cur.execute(f"update sync.run_log set rows_mapped = {counts} where run_id = %(r)s and source = %(s)s",
                         {"r": context["run_id"], "s": source})
-    return {"mapped": result.mapped, "rejected": result.rejected}
+    return {"mapped": result.mapped, "rejected": result.rejected, "mapped_in_sql": result.in_sql}
 
 
 def validate_stream(source: str, stream_name: str, context: dict) -> dict:
