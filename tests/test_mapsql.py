@@ -152,11 +152,11 @@ def test_customers_map_alike_set_based_and_in_python(conn, erp):
 
 def test_a_field_only_python_can_map_sends_the_whole_stream_there():
     calls = load_source("callcenter").stream("calls")
-    fields = {t: mapsql.field_sql("e.payload", fm, key=False, limit=None) for t, fm in calls.mapping.items()}
+    fields = {t: mapsql.field_sql("j", "t", fm, key=False, limit=None) for t, fm in calls.mapping.items()}
     assert fields["duration_seconds"] is None and None in fields.values()   # an int, a picked phone
     invoices = load_source("finance").stream("invoices")
-    assert mapsql.field_sql("e.payload", invoices.mapping["currency"], key=False, limit=None) is not None
-    assert mapsql.field_sql("e.payload", invoices.mapping["amount"], key=False, limit=None) is None  # money
+    assert mapsql.field_sql("j", "t", invoices.mapping["currency"], key=False, limit=None) is not None
+    assert mapsql.field_sql("j", "t", invoices.mapping["amount"], key=False, limit=None) is None  # money
     assert mapsql.MAX_TEXT == mapping.MAX_TEXT
 
 

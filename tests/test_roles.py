@@ -382,3 +382,43 @@ def test_the_cli_migrates_a_new_database_as_the_owner_role(pg_admin_dsn, monkeyp
         assert owners["stg"] == {"schema:crm_owner", "crm_loader"}
     finally:
         db.drop_database(pg_admin_dsn, database)
+
+
+def test_the_loader_analyzes_the_crm_tables_a_load_grew_and_leaves_the_rest(loader, reporter):
+    from crm_sync import staging
+
+    with loader.cursor() as cur:
+        cur.execute("insert into crm.match_key (key, source, source_id)"
+                    " select 'b:test=' || i % 97, 'stats', i::text from generate_series(1, 5000) i")
+        loader.commit()
+        analysed = staging.analyze_grown(cur)
+        loader.commit()
+        assert "match_key" in analysed
+        cur.execute("select reltuples from pg_class where oid = 'crm.match_key'::regclass")
+        assert cur.fetchone()[0] >= 5000   # planned as the rows it holds, not as an empty table
+        assert "match_key" not in staging.analyze_grown(cur)   # not grown since
+        cur.execute("insert into crm.match_key (key, source, source_id)"
+                    " select 'b:test=1', 'stats', 'x' || i from generate_series(1, 100) i")
+        assert "match_key" not in staging.analyze_grown(cur)   # 2 % is no reason
+        loader.rollback()
+    _fails(reporter, "select sync.analyze_grown()", errors.InsufficientPrivilege, "permission denied for function")
+
+
+def test_a_staging_analyze_samples_little_and_leaves_the_session_setting(loader):
+    from crm_sync import staging
+
+    with loader.cursor() as cur:
+        cur.execute("set default_statistics_target = 150")
+        cur.execute("insert into stg.extracted (run_id, source, stream, source_pk, payload)"
+                    " select 'stats_' || (i % 2), 'stats', 's', i::text, '{}' from generate_series(1, 20000) i")
+        staging.analyze(cur, "stg.extracted")
+        cur.execute("show default_statistics_target")
+        assert cur.fetchone()[0] == "150"
+        cur.execute("select most_common_vals::text from pg_stats"
+                    " where schemaname = 'stg' and tablename = 'extracted' and attname = 'run_id'")
+        common = cur.fetchone()[0].strip("{}").split(",")
+        assert {"stats_0", "stats_1"} <= set(common)
+        cur.execute("explain select * from stg.extracted where run_id = 'stats_1'")
+        estimated = int(cur.fetchone()[0].split("rows=")[1].split()[0])
+        assert 8_000 <= estimated <= 12_000
+    loader.rollback()

@@ -188,6 +188,9 @@ def load(conn, run_id: str, cfg: SourceConfig, *, allow_deletes: bool = False) -
             runlog.update(cur, run_id, cfg.source, rows_loaded=written + sum(loaded.values()),
                           rows_rejected=rejected, facts_held=held, facts_released=released, rows_deleted=deleted)
         conn.commit()
+        with conn.cursor() as cur:   # after the commit: the statistics describe what was published
+            staging.analyze_grown(cur)
+        conn.commit()
     except Exception:
         if not conn.closed:  # a dropped connection must not replace the error that dropped it
             conn.rollback()

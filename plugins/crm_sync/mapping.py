@@ -364,27 +364,30 @@ def _reader(fm: FieldMap):
 
 
 def _sql_fields(entity: str, field_maps: dict[str, FieldMap], key_fields: set[str],
-                limits: dict[str, tuple[int, int]]) -> dict[str, mapsql.Field] | None:
-    """Every field map of the stream as SQL (`mapsql.field_sql`), or None when one needs Python."""
+                limits: dict[str, tuple[int, int]], value) -> dict[str, mapsql.Field] | None:
+    """Every field map of the stream as SQL (`mapsql.field_sql`), or None when one needs Python;
+    `value(name)` gives the (jsonb, text) SQL of a payload field."""
     fields = {}
     for target, fm in field_maps.items():
-        field = mapsql.field_sql("e.payload", fm, key=target in key_fields, limit=limits.get(target))
+        field = (mapsql.field_sql(*value(fm.from_), fm, key=target in key_fields, limit=limits.get(target))
+                 if isinstance(fm.from_, str) else None)
         if field is None:
             return None
         fields[target] = field
     return fields
 
 
-def _select_sql(entity: str, columns: list[str], types: dict[str, str], fields: dict[str, mapsql.Field]) -> str:
+def _select_sql(entity: str, columns: list[str], types: dict[str, str], fields: dict[str, mapsql.Field],
+                resolved: str) -> str:
     """The select list of the set-based path: each staging column from its field's SQL (customers: the
     resolve stage's identity columns win, a name the identity fields lack keeps the mapped one)."""
     out = []
     for c in columns:
         mapped = f"({fields[c].expr})" if c in fields else "null"
         if entity == "customer" and c == "full_name":
-            value = f"coalesce(r.full_name, {mapped})"
+            value = f"coalesce({resolved}.full_name, {mapped})"
         elif entity == "customer" and c in RESOLVED_COLUMNS:
-            value = f"r.{c}"
+            value = f"{resolved}.{c}"
         else:
             value = mapped
         out.append(f"({value})::{types[c]} as {c}")
@@ -463,16 +466,34 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, *, se
         quarantine.clear(cur, run_id, cfg.source, stream.name, stage="map")
         types = mapsql.column_types(cur, table)
         row_hash_sql = mapsql.hash_sql("m", hashed_columns, types)
-        fields = _sql_fields(entity, field_maps, key_fields, limits) if set_based else None
+        # each payload field the SQL reads is taken out of the jsonb once, in a subquery the planner
+        # keeps (`offset 0`), not once per use in the guards
+        payload_fields: dict[str, int] = {}
+
+        def value(name: str) -> tuple[str, str]:
+            i = payload_fields.setdefault(name, len(payload_fields))
+            return f"x.j{i}", f"x.t{i}"
+        fields = _sql_fields(entity, field_maps, key_fields, limits, value) if set_based else None
         if fields is not None:
             guard = " and ".join([*(f.guard for f in fields.values()),
-                                  mapsql.identity_guard("e.payload", identity_fields)])
+                                  mapsql.identity_guard([value(f) for f in identity_fields])])
+            taken = ", ".join(f"e.payload -> {mapsql._literal(n)} as j{i}, e.payload ->> {mapsql._literal(n)} as t{i}"
+                              for n, i in payload_fields.items())
+            resolved_sql = "".join(f", r.{c}" for c in RESOLVED_COLUMNS) if entity == "customer" else ""
+            selected = _select_sql(entity, columns, types, fields, resolved="x")
             cur.execute(f"""{insert} select {', '.join('m.' + c for c in keys + columns)}, {row_hash_sql}
-                            from (select {', '.join('e.' + c for c in keys)},
-                                         {_select_sql(entity, columns, types, fields)}
-                                  {source_sql} and {guard}) m""", (run_id, cfg.source, stream.name))
+                            from (select {', '.join('x.' + c for c in keys)}, {selected}
+                                  from (select {', '.join('e.' + c for c in keys)}{resolved_sql}, {taken}
+                                        {source_sql} offset 0) x
+                                  where {guard}) m""", (run_id, cfg.source, stream.name))
             written = in_sql = cur.rowcount
-            query += f" and not coalesce({guard}, false)"
+            cur.execute("select count(*) from stg.extracted where run_id = %s and source = %s and stream = %s",
+                        (run_id, cfg.source, stream.name))
+            if cur.fetchone()[0] == in_sql:
+                query += " and false"   # every record mapped: nothing left for Python
+            # the rest: what the statement did not map (by key, not by the guards again)
+            query += f""" and not exists (select from {table} m where m.run_id = e.run_id and m.source = e.source
+                                           and m.stream = e.stream and m.source_pk = e.source_pk)"""
         # the rest through Python, into a temporary copy of the staging table without its hash
         scratch = f"crm_sync_map_{entity}"
         cur.execute(f"create temp table if not exists {scratch} as select * from {table} with no data;"

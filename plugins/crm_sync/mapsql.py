@@ -14,7 +14,6 @@ rejections. A guard may be stricter than needed — that costs speed, never corr
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -30,10 +29,28 @@ def _space_class() -> str:
     return "[" + "".join(chars) + "]"
 
 
-# the one spelling of a timestamp both parsers read alike: Python's `fromisoformat` and PostgreSQL's input
-_TIMESTAMP = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[T ]([01][0-9]|2[0-3]):[0-5][0-9]"
-                        r":[0-5][0-9](\.[0-9]{1,6})?(Z|[+-](0[0-9]|1[0-4]):[0-5][0-9])$")
-_DATE = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])")
+_DIGITS = "'0123456789'"
+
+
+def _c(expr: str) -> str:
+    return f'{expr} collate "C"'
+
+
+def _iso_head(t: str) -> str:
+    """SQL: text `t` starts `YYYY-MM-DD` with a month and a day in range (digit by digit, without a regex:
+    PostgreSQL's regex engine costs microseconds a value)."""
+    return (f"(substr({t}, 5, 1) = '-' and substr({t}, 8, 1) = '-' and translate(left({t}, 10), {_DIGITS}, '') = '--'"
+            f" and {_c(f'substr({t}, 6, 2)')} between '01' and '12' and {_c(f'substr({t}, 9, 2)')} between '01' and '31')")
+
+
+def _iso_timestamp(t: str) -> str:
+    """SQL: text `t` is `YYYY-MM-DD[T ]HH:MM:SS[.f{1,6}](Z|±HH:MM)` with every part in range: the one spelling
+    Python's `fromisoformat` and PostgreSQL's `timestamptz` input read alike (no 24:00, no leap second)."""
+    return (f"({_iso_head(t)} and substr({t}, 11, 1) in ('T', ' ') and substr({t}, 14, 1) = ':'"
+            f" and substr({t}, 17, 1) = ':' and translate(substr({t}, 11, 9), {_DIGITS}, '') in ('T::', ' ::')"
+            f" and {_c(f'substr({t}, 12, 2)')} <= '23' and {_c(f'substr({t}, 15, 2)')} <= '59'"
+            f" and {_c(f'substr({t}, 18, 2)')} <= '59'"
+            f" and substr({t}, 20) ~ '^([.][0-9]{{1,6}})?(Z|[+-](0[0-9]|1[0-4]):[0-5][0-9])$')")
 
 
 def _literal(text: str) -> str:
@@ -42,7 +59,7 @@ def _literal(text: str) -> str:
 
 def _real_day(t: str) -> str:
     """SQL: the `YYYY-MM-DD` head of text `t` names a day that exists (not 0000-…, not 02-30)."""
-    return (f"(left({t}, 4) <> '0000' and (substr({t}, 9, 2) <= '28' or substr({t}, 9, 2)::int <= "
+    return (f"(left({t}, 4) <> '0000' and ({_c(f'substr({t}, 9, 2)')} <= '28' or substr({t}, 9, 2)::int <= "
             f"extract(day from make_date(left({t}, 4)::int, substr({t}, 6, 2)::int, 1)"
             f" + interval '1 month' - interval '1 day')))")
 
@@ -54,16 +71,15 @@ class Field:
     guard: str
 
 
-def field_sql(payload: str, fm: FieldMap, *, key: bool, limit: tuple[int, int] | None) -> Field | None:
-    """The field map as SQL over the jsonb `payload` expression; None when only Python can map it."""
+def field_sql(j: str, t: str, fm: FieldMap, *, key: bool, limit: tuple[int, int] | None) -> Field | None:
+    """The field map as SQL over its payload value — `j` the jsonb, `t` its text (`->>`) — or None when
+    only Python can map it."""
     if not isinstance(fm.from_, str) or fm.type not in ("text", "timestamptz", "date", "numeric"):
         return None
     if fm.values is not None and (fm.type != "text" or key or not all(
             isinstance(v, str) and v.strip() == v != "" and len(v) <= (fm.max_length or MAX_TEXT)
             for v in fm.values.values())):
         return None
-    j = f"({payload} -> {_literal(fm.from_)})"
-    t = f"({payload} ->> {_literal(fm.from_)})"
     absent = f"({j} is null or jsonb_typeof({j}) = 'null')"
     space = _space_class()
     # a text that `cast` keeps as it is: a string, not blank, nothing to strip, not too long
@@ -78,9 +94,9 @@ def field_sql(payload: str, fm: FieldMap, *, key: bool, limit: tuple[int, int] |
         if key:  # `keys.canonical_key` only changes a stripped text ending in `.0…`
             check = f"{t} !~ {_literal(r'[.]0+$')}"
     elif fm.type == "timestamptz":
-        expr, check = f"{t}::timestamptz", f"({t} ~ {_literal(_TIMESTAMP.pattern)} and {_real_day(t)})"
+        expr, check = f"{t}::timestamptz", f"({_iso_timestamp(t)} and {_real_day(t)})"
     elif fm.type == "date":
-        expr, check = f"left({t}, 10)::date", f"({t} ~ {_literal(_DATE.pattern)} and {_real_day(t)})"
+        expr, check = f"left({t}, 10)::date", f"({_iso_head(t)} and {_real_day(t)})"
     else:  # numeric: plain decimal digits, within the field's scale and the column's integer digits
         whole = f"{{1,{limit[0] - limit[1]}}}" if limit is not None else "+"
         fraction = ("" if fm.scale == 0 else "([.][0-9]+)?" if fm.scale is None
@@ -91,13 +107,11 @@ def field_sql(payload: str, fm: FieldMap, *, key: bool, limit: tuple[int, int] |
                  guard=f"({nullable} or ({clean} and {check}))")
 
 
-def identity_guard(payload: str, fields: list[str]) -> str:
-    """SQL: no identity field of a customer payload is quarantined by `mapping.identity_rejects`."""
-    parts = []
-    for name in fields:
-        j = f"({payload} -> {_literal(name)})"
-        parts.append(f"({j} is null or jsonb_typeof({j}) = 'null' or (jsonb_typeof({j}) = 'string' and "
-                     f"length({payload} ->> {_literal(name)}) <= {MAX_TEXT}))")
+def identity_guard(fields: list[tuple[str, str]]) -> str:
+    """SQL: no identity field of a customer payload is quarantined by `mapping.identity_rejects`;
+    `fields` holds each identity field's (jsonb, text) expressions."""
+    parts = [f"({j} is null or jsonb_typeof({j}) = 'null' or (jsonb_typeof({j}) = 'string' and "
+             f"length({t}) <= {MAX_TEXT}))" for j, t in fields]
     return " and ".join(parts) or "true"
 
 
@@ -109,10 +123,10 @@ def column_types(cur, table: str) -> dict[str, str]:
 
 
 def hash_sql(alias: str, columns: list[str], types: dict[str, str]) -> str:
-    """SQL of a row's hash over typed columns: the first 32 hex digits of the SHA-256 of their JSON
-    array. Timestamps are hashed in UTC, so the session's time zone never changes a hash."""
+    """SQL of a row's hash over typed columns: the MD5 (32 hex digits) of their JSON array — a change
+    detector, not a signature. Timestamps are hashed in UTC, so the session's time zone never changes a hash."""
     parts = []
     for c in columns:
         ref = f'{alias}."{c}"'
         parts.append(f"({ref} at time zone 'UTC')" if types[c] == "timestamp with time zone" else ref)
-    return f"left(encode(sha256(convert_to(json_build_array({', '.join(parts)})::text, 'UTF8')), 'hex'), 32)"
+    return f"md5(json_build_array({', '.join(parts)})::text)"

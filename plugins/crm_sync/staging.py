@@ -170,15 +170,34 @@ def staging_tables() -> tuple[str, ...]:
 
 
 
+STATISTICS_TARGET = 20  # staging ANALYZE samples 300 × this many rows (PostgreSQL's default target is 100)
+
+
 def analyze(cur, table: str) -> None:
     """Fresh planner statistics for a staging table a stage has just bulk-written.
 
-    Autovacuum analyzes minutes later; until then the planner believes the run has a handful of
-    rows and picks nested loops that are quadratic in the batch (measured: a reconcile count over
-    100,000 spreadsheet rows took minutes). Per-run staging tables are small to sample.
-    """
+    Autovacuum analyzes minutes later, if it runs at all; until then the planner believes the run has
+    a handful of rows and picks nested loops that are quadratic in the batch (measured: a reconcile
+    count over 100,000 spreadsheet rows took minutes). The plans need the run's share of the table
+    and its columns' rough spread, not fine histograms: a sample of 6,000 rows (`STATISTICS_TARGET`)
+    estimates an hourly run of 10,000 rows beside a nightly million within 10 %, and costs a tenth
+    of the default 30,000 (1.5 s → 0.15 s per table at a million customers)."""
     schema, name = table.split(".")
+    cur.execute("select current_setting('default_statistics_target')")
+    previous = cur.fetchone()[0]
+    cur.execute("select set_config('default_statistics_target', %s, true)", (str(STATISTICS_TARGET),))
     cur.execute(sql.SQL("analyze {}.{}").format(sql.Identifier(schema), sql.Identifier(name)))
+    cur.execute("select set_config('default_statistics_target', %s, true)", (previous,))
+
+
+def analyze_grown(cur, growth: float = 0.2) -> list[str]:
+    """ANALYZE the crm tables never analysed or grown by more than `growth` since they were
+    (`sync.analyze_grown`, migration 0016: it runs as the tables' owner, as ANALYZE requires on
+    PostgreSQL 15 and 16): what a load leaves behind, whether or not autovacuum runs on the server.
+    A first load's tables are then planned as the million rows they hold, not as empty tables; an
+    hourly run's 1 % leaves them alone. Returns the tables analysed."""
+    cur.execute("select sync.analyze_grown(%s)", (growth,))
+    return [r[0] for r in cur.fetchall()]
 
 
 def delete_run(cur, table: str, run_id: str, source: str, stream: str | None = None) -> int:
