@@ -9,16 +9,14 @@ shows up as a difference here.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta, timezone
 
 import pytest
 
-from crm_sync import mapping, mapsql, runlog, staging
+from crm_sync import mapping, mapsql
 from crm_sync.config import load_source
 from crm_sync.identity.resolve import resolve
-from crm_sync.keys import canonical_key
-
-T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+from test_row_isolation import T0, customer, order, stage
 
 AWKWARD_ORDERS = [
     # timestamps: the guarded ISO form, and everything that must go to Python (some accepted there, some not)
@@ -46,30 +44,6 @@ AWKWARD_ORDERS = [
     {"customer_no": 42}, {"customer_no": 42.0}, {"customer_no": "--5.0"}, {"customer_no": "\uff15.0"},
     {"customer_no": "C1.5"}, {"customer_no": None}, {"customer_no": "张三"},
 ]
-
-
-def order(i: int, **overrides) -> dict:
-    record = {"order_no": f"SO{i:07d}", "customer_no": "C100001", "order_date": "2026-02-28", "amount": "100.00",
-              "currency": "CNY", "status": "paid", "updated_at": (T0 + timedelta(seconds=i)).isoformat()}
-    record.update(overrides)
-    return record
-
-
-def customer(no: str, name, **overrides) -> dict:
-    record = {"customer_no": no, "name": name, "mobile": "13800138000", "phone": None, "email": None,
-              "company": "北京华信科技有限公司", "city": "北京", "created_at": T0.isoformat(),
-              "updated_at": T0.isoformat()}
-    record.update(overrides)
-    return record
-
-
-def stage(conn, cfg, run_id: str, stream: str, records: list[dict]) -> None:
-    pk = cfg.stream(stream).primary_key
-    with conn.cursor() as cur:
-        runlog.start(cur, run_id, cfg.source, cfg.dag_id, T0 - timedelta(days=1), T0 + timedelta(days=1))
-        staging.copy_rows(cur, "stg.extracted", ["run_id", "source", "stream", "source_pk", "cursor_value", "payload"],
-                          [(run_id, cfg.source, stream, canonical_key(r[pk]), T0, r) for r in records])
-    conn.commit()
 
 
 def left_behind(conn, run_id: str, table: str) -> tuple[list, list]:
