@@ -432,3 +432,30 @@ def test_resolve_master_lookups_are_batch_driven_too(hourly):
     found = [describe(s, what, node) for s in hourly.statements if s.plan and s.caller in master_calls
              for what, node in full_scans(s.plan, hourly.pages, hourly.partial)]
     assert not found, f"{len(found)} plan node(s) of crm_sync.identity.master cost O(master):\n" + "\n".join(found)
+
+
+def test_a_link_to_a_merged_customer_reads_as_its_survivor_without_reading_customer_rows(conn):
+    """`master._LINK_LIVE`: the live customer of a link comes from the merged-only index (migration
+    0017) — the survivor for a merged customer, the customer itself otherwise — and the plan of the
+    lookup never visits crm.customer's heap for a customer that was not merged."""
+    import uuid
+
+    from crm_sync.identity import master
+
+    absorbed, survivor, plain = (uuid.uuid4() for _ in range(3))
+    with conn.cursor() as cur:
+        cur.execute("""insert into crm.customer (customer_id, first_run_id, last_run_id)
+                       select unnest(%s::uuid[]), 'merged_lookup', 'merged_lookup'""",
+                    ([str(survivor), str(absorbed), str(plain)],))
+        cur.execute("update crm.customer set merged_into = %s where customer_id = %s", (str(survivor), str(absorbed)))
+        cur.execute("""insert into crm.customer_link (source, source_id, customer_id, match_rule, linked_run_id)
+                       values ('ml', 'a', %s, 'test', 'merged_lookup'), ('ml', 'p', %s, 'test', 'merged_lookup')""",
+                    (str(absorbed), str(plain)))
+        assert master.current_customers(cur, [("ml", "a"), ("ml", "p"), ("ml", "none")]) == {
+            ("ml", "a"): str(survivor), ("ml", "p"): str(plain)}
+        cur.execute("set local enable_seqscan = off")
+        cur.execute(f"explain select {master._LINK_LIVE} from crm.customer_link l"
+                    " where l.source = 'ml' and l.source_id = 'p'")
+        plan = "\n".join(r[0] for r in cur.fetchall())
+    conn.rollback()
+    assert "customer_merged_idx" in plan and "customer_pkey" not in plan, plan

@@ -55,6 +55,10 @@ class Split:
 
 
 _LIVE = "coalesce(c.merged_into, c.customer_id)"
+# the live customer of a link `l`, without reading its customer row: the merged ones are found
+# through `customer_merged_idx` (migration 0017), which holds them only
+_LINK_LIVE = """coalesce((select c.merged_into from crm.customer c
+                         where c.customer_id = l.customer_id and c.merged_into is not null), l.customer_id)"""
 
 # The records of a run are looked up in the master one by one, by key (a lateral subquery kept
 # apart by `offset 0`): as a plain join the planner may hash a whole crm table, and an hourly run
@@ -104,8 +108,8 @@ def current_customers(cur, records: Iterable[tuple[str, str]]) -> dict[tuple[str
         f"""select r.source, r.source_id, x.customer_id
             from {_RECORDS}
             cross join lateral (
-                select {_LIVE}::text as customer_id
-                from crm.customer_link l join crm.customer c on c.customer_id = l.customer_id
+                select {_LINK_LIVE}::text as customer_id
+                from crm.customer_link l
                 where l.source = r.source and l.source_id = r.source_id
                 {_lookup(cur, len(records))}) x""",
         _record_params(records),
@@ -153,11 +157,10 @@ def candidates(cur, run_id: str, source: str, records: int, cap: int,
         )
         select x.*
         from r cross join lateral (
-            select i.source || '/' || i.stream || '/' || i.source_id, {_LIVE}::text,
+            select i.source || '/' || i.stream || '/' || i.source_id, {_LINK_LIVE}::text,
                    i.name, i.phone, i.email, i.company, i.city, i.match_version, i.match_features
             from crm.source_identity i
             join crm.customer_link l on l.source = i.source and l.source_id = i.source_id
-            join crm.customer c on c.customer_id = l.customer_id
             where i.source = r.source and i.source_id = r.source_id
             {lookup}) x
         order by 1   -- ties between equally good candidates resolve the same way whatever the plan
