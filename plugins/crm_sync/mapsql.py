@@ -6,8 +6,10 @@ a field that fails its cast and must be quarantined with a worded reason. Most r
 batch need none of that: their values are already clean texts, ISO timestamps, plain decimals. For
 those, this module builds, per field, an SQL expression that gives exactly what `mapping.cast`
 gives, and a guard that holds only when it does. Records whose every field passes its guard are
-mapped by one statement; the others (`not guard`) go through the Python path, which words their
-rejections. A guard may be stricter than needed — that costs speed, never correctness.
+mapped by one statement; the others (the run's records that statement did not write, found by key)
+go through the Python path, which words their rejections. A guard may be stricter than needed —
+that costs speed, never correctness. PostgreSQL's regex engine costs microseconds a value, so the
+guards test digits and separators position by position where they can.
 
 `row_hash` is computed in SQL for both paths, from the typed staging columns
 (`hash_sql`): the same values give the same hash whichever path mapped them.
@@ -19,7 +21,7 @@ from functools import lru_cache
 
 from crm_sync.config import FieldMap
 
-MAX_TEXT = 10_000  # mapping.MAX_TEXT (imported lazily there; kept equal by tests/test_mapsql.py)
+MAX_TEXT = 10_000  # characters: longer is never a CRM value (`mapping.MAX_TEXT` is this one)
 
 
 @lru_cache(maxsize=1)
