@@ -363,8 +363,8 @@ def _reader(fm: FieldMap):
     return lambda payload: source_value(payload, fm)
 
 
-def _sql_fields(entity: str, field_maps: dict[str, FieldMap], key_fields: set[str],
-                limits: dict[str, tuple[int, int]], value) -> dict[str, mapsql.Field] | None:
+def _sql_fields(field_maps: dict[str, FieldMap], key_fields: set[str], limits: dict[str, tuple[int, int]],
+                value) -> dict[str, mapsql.Field] | None:
     """Every field map of the stream as SQL (`mapsql.field_sql`), or None when one needs Python;
     `value(name)` gives the (jsonb, text) SQL of a payload field."""
     fields = {}
@@ -473,11 +473,11 @@ def map_stream(conn, run_id: str, cfg: SourceConfig, stream: StreamConfig, *, se
         def value(name: str) -> tuple[str, str]:
             i = payload_fields.setdefault(name, len(payload_fields))
             return f"x.j{i}", f"x.t{i}"
-        fields = _sql_fields(entity, field_maps, key_fields, limits, value) if set_based else None
+        fields = _sql_fields(field_maps, key_fields, limits, value) if set_based else None
         if fields is not None:
             guard = " and ".join([*(f.guard for f in fields.values()),
                                   mapsql.identity_guard([value(f) for f in identity_fields])])
-            taken = ", ".join(f"e.payload -> {mapsql._literal(n)} as j{i}, e.payload ->> {mapsql._literal(n)} as t{i}"
+            taken = ", ".join(f"e.payload -> {mapsql.literal(n)} as j{i}, e.payload ->> {mapsql.literal(n)} as t{i}"
                               for n, i in payload_fields.items())
             resolved_sql = "".join(f", r.{c}" for c in RESOLVED_COLUMNS) if entity == "customer" else ""
             selected = _select_sql(entity, columns, types, fields, resolved="x")

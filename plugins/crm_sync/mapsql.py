@@ -55,7 +55,8 @@ def _iso_timestamp(t: str) -> str:
             f" and substr({t}, 20) ~ '^([.][0-9]{{1,6}})?(Z|[+-](0[0-9]|1[0-4]):[0-5][0-9])$')")
 
 
-def _literal(text: str) -> str:
+def literal(text: str) -> str:
+    """An SQL string literal of `text` (quotes doubled), for SQL built before any cursor exists."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -85,16 +86,16 @@ def field_sql(j: str, t: str, fm: FieldMap, *, key: bool, limit: tuple[int, int]
     absent = f"({j} is null or jsonb_typeof({j}) = 'null')"
     space = _space_class()
     # a text that `cast` keeps as it is: a string, not blank, nothing to strip, not too long
-    clean = (f"(jsonb_typeof({j}) = 'string' and {t} <> '' and {t} !~ {_literal('^' + space + '|' + space + '$')}"
+    clean = (f"(jsonb_typeof({j}) = 'string' and {t} <> '' and {t} !~ {literal('^' + space + '|' + space + '$')}"
              f" and length({t}) <= {min(MAX_TEXT, fm.max_length or MAX_TEXT) if fm.type == 'text' else MAX_TEXT})")
     if fm.values is not None:  # a text looked up in the `values:` map; one not in it goes to Python
-        cases = " ".join(f"when {_literal(k)} then {_literal(v)}" for k, v in fm.values.items())
+        cases = " ".join(f"when {literal(k)} then {literal(v)}" for k, v in fm.values.items())
         expr = f"case {t} {cases} end"
-        check = f"{t} in ({', '.join(_literal(k) for k in fm.values)})" if fm.values else "false"
+        check = f"{t} in ({', '.join(literal(k) for k in fm.values)})" if fm.values else "false"
     elif fm.type == "text":
         expr, check = t, "true"
         if key:  # `keys.canonical_key` only changes a stripped text ending in `.0…`
-            check = f"{t} !~ {_literal(r'[.]0+$')}"
+            check = f"{t} !~ {literal(r'[.]0+$')}"
     elif fm.type == "timestamptz":
         expr, check = f"{t}::timestamptz", f"({_iso_timestamp(t)} and {_real_day(t)})"
     elif fm.type == "date":
@@ -103,7 +104,7 @@ def field_sql(j: str, t: str, fm: FieldMap, *, key: bool, limit: tuple[int, int]
         whole = f"{{1,{limit[0] - limit[1]}}}" if limit is not None else "+"
         fraction = ("" if fm.scale == 0 else "([.][0-9]+)?" if fm.scale is None
                     else f"([.][0-9]{{1,{fm.scale}}})?")
-        expr, check = f"{t}::numeric", f"{t} ~ {_literal(f'^-?[0-9]{whole}{fraction}$')}"
+        expr, check = f"{t}::numeric", f"{t} ~ {literal(f'^-?[0-9]{whole}{fraction}$')}"
     nullable = "false" if fm.required else absent
     return Field(expr=f"case when {absent} then null else {expr} end",
                  guard=f"({nullable} or ({clean} and {check}))")
