@@ -459,3 +459,40 @@ def test_a_link_to_a_merged_customer_reads_as_its_survivor_without_reading_custo
         plan = "\n".join(r[0] for r in cur.fetchall())
     conn.rollback()
     assert "customer_merged_idx" in plan and "customer_pkey" not in plan, plan
+
+
+def test_master_candidates_skip_a_key_held_by_more_records_than_its_rules_cap(conn):
+    """`master.candidates` caps each blocking key by its own rule's `max_block_size`: the engine skips
+    a block larger than the rule's cap, so its master records would be read only to be dropped (at a
+    million customers, the 'name.pinyin + city' rule's blocks of 51–200 records were a third of the
+    hourly run's candidates)."""
+    import uuid
+
+    from crm_sync.identity import master
+
+    customer = uuid.uuid4()
+    narrow = [f"n{k}" for k in range(3)]       # three records share a key of a rule capped at 2
+    wide = [f"w{k}" for k in range(3)]         # three share a key of a rule capped at 5
+    with conn.cursor() as cur:
+        cur.execute("insert into crm.customer (customer_id, first_run_id, last_run_id) values (%s, 'rc', 'rc')",
+                    (str(customer),))
+        for rid in narrow + wide:
+            cur.execute("""insert into crm.customer_link (source, source_id, customer_id, match_rule, linked_run_id)
+                           values ('rc', %s, %s, 'test', 'rc')""", (rid, str(customer)))
+            cur.execute("""insert into crm.source_identity (source, source_id, stream, name, loaded_run_id)
+                           values ('rc', %s, 'customers', %s, 'rc')""", (rid, rid))
+            key = "b:narrow=x" if rid in narrow else "b:wide=y"
+            cur.execute("insert into crm.match_key (key, source, source_id) values (%s, 'rc', %s)", (key, rid))
+        cur.execute("""insert into stg.match_key (run_id, source, stream, source_pk, key)
+                       values ('rc_run', 'rc', 'customers', 'new1', 'b:narrow=x'),
+                              ('rc_run', 'rc', 'customers', 'new1', 'b:wide=y')""")
+
+        def found(**caps) -> list[str]:
+            frame = master.candidates(cur, "rc_run", "rc", 1, 5, streams=["customers"], **caps)
+            return sorted(rid.rsplit("/", 1)[1] for rid in frame["record_id"])
+
+        assert found() == sorted(narrow + wide)                                  # one cap of 5 for every rule
+        assert found(rule_caps={"narrow": 2, "wide": 5}) == sorted(wide)          # 'narrow' holds 3 > 2: skipped
+        assert found(rule_caps={"narrow": 3}) == sorted(narrow + wide)            # within its cap; 'wide' takes 5
+        assert found(rule_caps={"narrow": 2, "wide": 2}) == []
+    conn.rollback()

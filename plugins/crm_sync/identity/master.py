@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import pandas as pd
 
@@ -118,32 +118,39 @@ def current_customers(cur, records: Iterable[tuple[str, str]]) -> dict[tuple[str
 
 
 def candidates(cur, run_id: str, source: str, records: int, cap: int,
-               extra: Iterable[tuple[str, str]] = (), streams: Iterable[str] = ()) -> pd.DataFrame:
+               extra: Iterable[tuple[str, str]] = (), streams: Iterable[str] = (),
+               rule_caps: Mapping[str, int] | None = None) -> pd.DataFrame:
     """Master records sharing one of the run's blocking keys (its 'b:' rows of `stg.match_key`, staged
     by the resolve stage), plus the `extra` records, engine-ready.
 
-    A key value held by more than `cap` master records is skipped (counted up to cap + 1 only).
+    A key value held by more master records than its rule's cap (`rule_caps`, rule name -> the
+    rule's `max_block_size`; `cap` for a rule not named) is skipped, counted up to the cap + 1 only:
+    the engine would skip that block anyway, so its records would only be read to be dropped.
     Records the run itself brings (`stg.extracted`) are left out: the engine takes them from the
     batch, and a full refresh would otherwise read the master whole.
     """
     extra = list(extra)
+    rule_caps = dict(rule_caps or {})
     lookup = _lookup(cur, records)
     if lookup:
         keys = f"""select b.key from b cross join lateral (
                       select count(*) as n from (select 1 from crm.match_key m where m.key = b.key
-                                                 limit %(cap)s + 1) x
+                                                 limit b.cap + 1) x
                       {lookup}) c
-                  where c.n between 1 and %(cap)s"""
+                  where c.n between 1 and b.cap"""
         records = f"""select m.source, m.source_id from k cross join lateral (
                          select m.source, m.source_id from crm.match_key m where m.key = k.key {lookup}) m"""
     else:
-        keys = "select m.key from crm.match_key m join b using (key) group by m.key having count(*) <= %(cap)s"
+        keys = ("select m.key from crm.match_key m join b using (key) group by m.key, b.cap"
+                " having count(*) <= b.cap")
         records = "select m.source, m.source_id from crm.match_key m join k using (key)"
     cur.execute(
         f"""
         with b as (
-            select distinct s.key from stg.match_key s
+            select s.key, coalesce(min(c.cap), %(cap)s) as cap from stg.match_key s
+            left join unnest(%(prefixes)s::text[], %(caps)s::int[]) c(prefix, cap) on starts_with(s.key, c.prefix)
             where s.run_id = %(run)s and s.source = %(source)s and s.key like 'b:%%'
+            group by s.key
         ), k as ({keys}
         ), r as (
             ({records}
@@ -166,7 +173,8 @@ def candidates(cur, run_id: str, source: str, records: int, cap: int,
         order by 1   -- ties between equally good candidates resolve the same way whatever the plan
         """,
         {"run": run_id, "source": source, "cap": cap, "xs": [x[0] for x in extra], "xi": [x[1] for x in extra],
-         "streams": list(streams)},
+         "streams": list(streams), "prefixes": [f"b:{rule}=" for rule in rule_caps],
+         "caps": list(rule_caps.values())},
     )
     return pd.DataFrame(cur.fetchall(), columns=ENGINE_COLUMNS)
 
