@@ -407,12 +407,16 @@ def check_received(cfg: SourceConfig, stream: StreamConfig, result: ExtractResul
 def check_staging(conn, run_id: str, cfg: SourceConfig) -> None:
     """Fail when the run's staging is gone (a PostgreSQL crash restart empties unlogged tables)."""
     with conn.cursor() as cur:
+        # the run id as a constant in the count, not a correlated reference: the planner then knows
+        # how few rows one hourly run holds among a nightly run's millions (a generic estimate of a
+        # quarter of stg.extracted chose a sequential scan per stream: 1.6 s at 1M customers)
         cur.execute(
-            """select a.stream, a.staged,
-                      (select count(*) from stg.extracted e
-                        where e.run_id = a.run_id and e.source = a.source and e.stream = a.stream)
-               from sync.stream_account a where a.run_id = %s and a.source = %s""",
-            (run_id, cfg.source))
+            """select a.stream, a.staged, coalesce(e.n, 0)
+               from sync.stream_account a
+               left join (select stream, count(*) as n from stg.extracted
+                          where run_id = %(run)s and source = %(source)s group by stream) e using (stream)
+               where a.run_id = %(run)s and a.source = %(source)s""",
+            {"run": run_id, "source": cfg.source})
         gone = [(stream, staged, present) for stream, staged, present in cur.fetchall() if present != staged]
     if gone:
         detail = "; ".join(f"{s}: {staged} rows extracted, {present} left in staging" for s, staged, present in gone)
