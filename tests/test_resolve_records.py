@@ -113,3 +113,16 @@ def test_a_run_without_customer_records_resolves_nothing(staged, conn):
     with conn.cursor() as cur:
         cur.execute("select count(*) from stg.resolved where run_id = 'erp-r0'")
         assert cur.fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("rid", ["erp/customers/C1", "im/contacts/张三 ✓", "x/y/" + "9" * 10_000, ""])
+def test_a_new_customers_id_text_is_the_uuid5_of_its_record(rid):
+    """The resolve stage names new customers with `new_customer_id_text` (no UUID object per cluster):
+    the very id `new_customer_id` gives, so ids already stored and later runs agree."""
+    import uuid
+
+    from crm_sync.identity import master
+
+    text = master.new_customer_id_text(rid)
+    assert text == str(master.new_customer_id(rid)) == str(uuid.uuid5(master.NAMESPACE, rid))
+    assert uuid.UUID(text).version == 5

@@ -13,6 +13,7 @@ Guarantees:
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -20,6 +21,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 NAMESPACE = uuid.UUID("6f1d3c3e-5a0b-4a57-9d0e-43a1c0c8a001")   # the same namespace as the first matcher
+_NAMESPACE_BYTES = NAMESPACE.bytes
 # what `candidates` returns per master record: its ids, its identity input, and the engine features
 # stored with that input (migration 0014; `match_version` says what made them)
 ENGINE_COLUMNS = ["record_id", "cluster_id", "name", "phone", "email", "company", "city", "match_version",
@@ -38,6 +40,16 @@ def split_record_id(rid: str) -> tuple[str, str, str]:
 def new_customer_id(rid: str) -> uuid.UUID:
     """A new cluster's id: from its smallest record id, so a rerun of the same batch gives the same ids."""
     return uuid.uuid5(NAMESPACE, rid)
+
+
+def new_customer_id_text(rid: str) -> str:
+    """`str(new_customer_id(rid))` without the UUID object (a nightly run names a million clusters):
+    the same SHA-1 name-based uuid, version 5, RFC 4122 variant."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + rid.encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def split_customer_id(review_id: int, rid: str) -> uuid.UUID:

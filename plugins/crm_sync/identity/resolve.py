@@ -456,7 +456,7 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
         del cands
 
         def customer(cluster: str) -> str:
-            return cluster if cluster in existing else str(master.new_customer_id(cluster))
+            return cluster if cluster in existing else master.new_customer_id_text(cluster)
 
         a = res.assignments
         counts = {"linked": 0, "merged": 0, "review": 0, "new": 0}
