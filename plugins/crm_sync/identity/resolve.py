@@ -422,11 +422,10 @@ def resolve(conn, run_id: str, cfg: SourceConfig) -> ResolveResult:
         # the master as it will be once this run's load executes the pending splits
         batch_records = list(zip(batch["source"], batch["source_pk"]))
         previous = master.current_customers(cur, batch_records)
-        cap = max([settings.max_block_size] + [r.max_block_size or 0 for r in settings.blocking])
         partners = master.decided_partners(cur, batch_records)
         rule_caps = {r.name: r.max_block_size or settings.max_block_size for r in settings.blocking}
-        cands = master.candidates(cur, run_id, cfg.source, len(batch), cap, partners, [s.name for s in streams],
-                                  rule_caps)
+        cands = master.candidates(cur, run_id, cfg.source, len(batch), settings.max_block_size, partners,
+                                  [s.name for s in streams], rule_caps)
         cand_records = [master.split_record_id(r)[::2] for r in cands["record_id"]]
         splits = {}
         for s in master.pending_splits(cur, batch_records + cand_records):
