@@ -126,3 +126,34 @@ def test_a_new_customers_id_text_is_the_uuid5_of_its_record(rid):
     text = master.new_customer_id_text(rid)
     assert text == str(master.new_customer_id(rid)) == str(uuid.uuid5(master.NAMESPACE, rid))
     assert uuid.UUID(text).version == 5
+
+
+def test_match_keys_are_staged_whole_whatever_the_slice(staged, conn, fresh_dsn, monkeypatch):
+    """stg.match_key is written a slice of records at a time, each record's keys together: slices of two
+    records give the rows one slice gives, every key with its own record."""
+    from crm_sync.identity import resolve as stage
+
+    cfg = load_source("erp")
+    monkeypatch.setattr(stage, "KEY_SLICE", 2)
+    own = db.connect(fresh_dsn)
+    try:
+        with own.cursor() as cur:
+            runlog.start(cur, "erp-r2", "erp", cfg.dag_id, None, None)
+        window = Window(None, datetime(2025, 4, 1, tzinfo=timezone.utc))
+        for stream in cfg.streams:
+            extract.stage_records(own, "erp-r2", cfg, stream, window,
+                                  [CUSTOMERS if stream.name == "customers" else []])
+        own.commit()
+        resolve(own, "erp-r2", cfg)
+        own.commit()
+    finally:
+        own.close()
+    with conn.cursor() as cur:
+        cur.execute("select run_id, source_pk, key from stg.match_key where run_id in ('erp-r1', 'erp-r2')")
+        rows = cur.fetchall()
+    whole = {(pk, key) for run, pk, key in rows if run == "erp-r1"}
+    sliced = [(pk, key) for run, pk, key in rows if run == "erp-r2"]
+    assert len(sliced) == len(set(sliced)) and set(sliced) == whole
+    # a key names its own record's values: R1's mobile, R5's first number
+    assert ("R1", "b:mobile.value=+8613800138000") in whole
+    assert {pk for pk, key in whole if "+8613900001111" in key} == {"R5"}
